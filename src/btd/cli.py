@@ -1,0 +1,64 @@
+"""The `btd` command. Each subcommand has --help; errors print one readable line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from btd.errors import BTDError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from btd import profiles
+
+    if args.apply:
+        profiles.apply(args.name, args.params)
+        print(f"applied profile '{args.name}' to {args.params}")
+    else:
+        print(" ".join(profiles.set_args(args.name)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="btd", description="Back-in-Time Diffusion: unsupervised detection of medical deepfakes."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "profile",
+        help="switch parameter profile (paper, tiny)",
+        description="Print `dvc exp run` -S arguments for a profile, or --apply it to params.yaml. "
+        "Example: dvc exp run $(btd profile paper)",
+    )
+    p.add_argument("name", help="profile name: paper | tiny")
+    p.add_argument("--apply", action="store_true", help="rewrite params.yaml with the profile")
+    p.add_argument("--params", default="params.yaml", help="params file to rewrite (default params.yaml)")
+    p.set_defaults(func=_profile)
+    _register_detector_commands(sub)
+    return parser
+
+
+def _register_detector_commands(sub: argparse._SubParsersAction) -> None:
+    """Detector commands (train, score, calibrate, scan) live in btd.detect.cli when present."""
+    try:
+        from btd.detect.cli import register
+    except ImportError:
+        return
+    register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BTDError as exc:
+        print(f"btd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

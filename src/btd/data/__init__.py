@@ -1,0 +1,1 @@
+"""Data acquisition (virtual scanners, real-data loaders), preprocessing, patches and splits."""

@@ -1,0 +1,1 @@
+"""The embedded virtual imaging trial: generated anatomy scanned by physically modelled scanners."""

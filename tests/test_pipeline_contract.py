@@ -1,0 +1,90 @@
+"""The pipeline's wiring: every papermill stage's notebook, parameters and params.yaml agree."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import papermill
+import pytest
+import yaml
+
+from btd import profiles
+from btd.errors import BTDConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+VARS = {k: v for d in DVC.get("vars", []) for k, v in d.items()}
+
+
+def _papermill_cmds() -> list[tuple[str, str]]:
+    out = []
+    for name, stage in DVC["stages"].items():
+        cmds = stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]]
+        out += [(name, c) for c in cmds if c.strip().startswith("papermill")]
+    return out
+
+
+def _lookup(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebook_is_a_clean_source(notebook: Path) -> None:
+    nb = json.loads(notebook.read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "stored outputs"
+    tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+
+
+@pytest.mark.parametrize("stage,cmd", _papermill_cmds(), ids=lambda v: v if len(v) < 30 else "")
+def test_stage_parameters_exist_in_notebook_and_params(stage: str, cmd: str) -> None:
+    for ref in re.findall(r"\$\{([^}]+)\}", cmd):
+        if ref not in VARS and not ref.startswith("item"):
+            _lookup(PARAMS, ref)  # KeyError = a ${} that params.yaml lacks
+    expanded = re.sub(r"\$\{([^}]+)\}", lambda m: str(VARS.get(m.group(1), "X")), cmd)
+    tokens = shlex.split(expanded)
+    src, out = tokens[1], tokens[2]
+    assert (ROOT / src).is_file(), f"{stage}: notebook {src} missing"
+    assert out.startswith("reports/") and Path(out).name == Path(src).name
+    names = {tokens[i + 1] for i, t in enumerate(tokens) if t in ("-p", "-r")}
+    declared = set(papermill.inspect_notebook(str(ROOT / src)))
+    assert names <= declared, f"{stage}: -p names not in the parameters cell: {sorted(names - declared)}"
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in DVC["stages"][stage].get("outs", [])]
+    assert out in outs, f"{stage}: executed notebook {out} must be a stage output"
+
+
+def test_every_stage_declares_its_notebook_as_dep() -> None:
+    for name, cmd in _papermill_cmds():
+        src = shlex.split(re.sub(r"\$\{[^}]+\}", "X", cmd))[1]
+        assert src in DVC["stages"][name]["deps"], name
+
+
+@pytest.mark.parametrize("name", profiles.PROFILES)
+def test_profiles_only_override_existing_params(name: str) -> None:
+    merged = profiles.merge(PARAMS, profiles.overrides(name))
+    assert set(profiles.flatten(merged)) == set(profiles.flatten(PARAMS))
+    args = profiles.set_args(name)
+    assert args[0] == "-S" and len(args) == 2 * len(profiles.flatten(profiles.overrides(name)))
+
+
+def test_profile_typo_and_unknown_profile_are_clear_errors() -> None:
+    with pytest.raises(BTDConfigError, match="data.ct.patch_sise"):
+        profiles.merge(PARAMS, {"data": {"ct": {"patch_sise": 3}}})
+    with pytest.raises(BTDConfigError, match="unknown profile"):
+        profiles.overrides("huge")
+
+
+def test_profile_apply_rewrites_params(tmp_path: Path) -> None:
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text())
+    profiles.apply("tiny", p)
+    assert yaml.safe_load(p.read_text())["data"]["ct"]["patch_size"] == 24
