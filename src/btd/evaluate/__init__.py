@@ -1,0 +1,1 @@
+"""Evaluation: AUC/EER, the paper's balanced bootstrap, tables and figures."""
