@@ -21,7 +21,9 @@ pytestmark = pytest.mark.e2e
 
 def _run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
     return proc
 
 
@@ -30,7 +32,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh copy of the repository (what a clone has), switched to `tiny`, reproduced once."""
     work = tmp_path_factory.mktemp("repo")
     files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     for f in files:
         if (ROOT / f).is_file():
@@ -54,7 +60,10 @@ def test_preprocess_outputs_are_sane(tiny_run: Path) -> None:
         assert set(manifest["label"]) == {"TM", "TB"}
         assert set(manifest["split"]) == {"train", "val", "holdout"}
         assert (manifest.groupby("patient")["split"].nunique() == 1).all()
-        assert len(list((tiny_run / f"data/scans/{modality}").glob("*.npz"))) == manifest["patient"].nunique()
+        assert (
+            len(list((tiny_run / f"data/scans/{modality}").glob("*.npz")))
+            == manifest["patient"].nunique()
+        )
     metrics = json.loads((tiny_run / "metrics/preprocess.json").read_text())
     assert metrics["ct"]["patients"] == 6 and metrics["mri"]["patients"] == 6
     for png in ("ct_scanners", "ct_nps", "mri_nps", "ct_counts", "mri_patches"):

@@ -62,7 +62,12 @@ def test_bootstrap_perfect_and_random() -> None:
 
 def test_bootstrap_table_groups() -> None:
     df = pd.DataFrame(
-        {"method": ["m"] * 8 + ["n"] * 8, "fake": [0, 1] * 8, "score": [10 * (i % 2) + i / 100 for i in range(16)], "scanner": ["s"] * 16}
+        {
+            "method": ["m"] * 8 + ["n"] * 8,
+            "fake": [0, 1] * 8,
+            "score": [10 * (i % 2) + i / 100 for i in range(16)],
+            "scanner": ["s"] * 16,
+        }
     )
     t = bootstrap_table(df, ["method"], n_iter=5)
     assert list(t["method"]) == ["m", "n"] and (t["auc"] == 1.0).all()

@@ -35,12 +35,16 @@ def _lookup(tree: dict, dotted: str):
     return node
 
 
-@pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "notebook", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name
+)
 def test_notebook_is_a_clean_source(notebook: Path) -> None:
     nb = json.loads(notebook.read_text())
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "stored outputs"
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), (
+        "stored outputs"
+    )
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
 
@@ -57,8 +61,12 @@ def test_stage_parameters_exist_in_notebook_and_params(stage: str, cmd: str) -> 
     assert out.startswith("reports/") and Path(out).name == Path(src).name
     names = {tokens[i + 1] for i, t in enumerate(tokens) if t in ("-p", "-r")}
     declared = set(papermill.inspect_notebook(str(ROOT / src)))
-    assert names <= declared, f"{stage}: -p names not in the parameters cell: {sorted(names - declared)}"
-    outs = [next(iter(o)) if isinstance(o, dict) else o for o in DVC["stages"][stage].get("outs", [])]
+    assert names <= declared, (
+        f"{stage}: -p names not in the parameters cell: {sorted(names - declared)}"
+    )
+    outs = [
+        next(iter(o)) if isinstance(o, dict) else o for o in DVC["stages"][stage].get("outs", [])
+    ]
     assert out in outs, f"{stage}: executed notebook {out} must be a stage output"
 
 

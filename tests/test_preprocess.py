@@ -61,7 +61,11 @@ def test_tumour_and_healthy_sites() -> None:
 def _cohort(n_per_scanner: int = 5, scanners=("a", "b", "c")):
     return [
         toy_scan(
-            f"{sc}-{i}", sc, shape=(6, 64, 64), tumours=[Tumour(3, 20 + 3 * i, 40 - 2 * i, 6.0 + i)], seed=i
+            f"{sc}-{i}",
+            sc,
+            shape=(6, 64, 64),
+            tumours=[Tumour(3, 20 + 3 * i, 40 - 2 * i, 6.0 + i)],
+            seed=i,
         )
         for sc in scanners
         for i in range(n_per_scanner)
@@ -70,7 +74,9 @@ def _cohort(n_per_scanner: int = 5, scanners=("a", "b", "c")):
 
 def test_split_patients_is_disjoint_and_covers_every_scanner() -> None:
     scans = _cohort(6)
-    df = pd.DataFrame({"patient": [s.patient for s in scans], "scanner": [s.scanner for s in scans]})
+    df = pd.DataFrame(
+        {"patient": [s.patient for s in scans], "scanner": [s.scanner for s in scans]}
+    )
     split = split_patients(df, FRACTIONS, seed=3)
     assert set(split) == set(df["patient"])  # every patient exactly one split (dict keys)
     df["split"] = df["patient"].map(split)
@@ -79,7 +85,12 @@ def test_split_patients_is_disjoint_and_covers_every_scanner() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"train": 0.5, "val": 0.5}, {"train": 0.5, "val": 0.2, "holdout": 0.2}, {"train": -1, "val": 1, "holdout": 1}]
+    "bad",
+    [
+        {"train": 0.5, "val": 0.5},
+        {"train": 0.5, "val": 0.2, "holdout": 0.2},
+        {"train": -1, "val": 1, "holdout": 1},
+    ],
 )
 def test_bad_split_fractions_name_the_field(bad) -> None:
     df = pd.DataFrame({"patient": ["a"], "scanner": ["s"]})

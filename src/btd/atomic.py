@@ -16,7 +16,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the same folder; rename it onto `path` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent
+    )
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -37,5 +39,6 @@ def write_atomic(path: str | Path, writer: Callable[[Path], Any]) -> Path:
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write JSON atomically with stable key order (DVC metrics files)."""
     return write_atomic(
-        path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+        path,
+        lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n"),
     )

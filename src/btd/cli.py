@@ -24,7 +24,8 @@ def _profile(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="btd", description="Back-in-Time Diffusion: unsupervised detection of medical deepfakes."
+        prog="btd",
+        description="Back-in-Time Diffusion: unsupervised detection of medical deepfakes.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
@@ -35,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", help="profile name: paper | tiny")
     p.add_argument("--apply", action="store_true", help="rewrite params.yaml with the profile")
-    p.add_argument("--params", default="params.yaml", help="params file to rewrite (default params.yaml)")
+    p.add_argument(
+        "--params", default="params.yaml", help="params file to rewrite (default params.yaml)"
+    )
     p.set_defaults(func=_profile)
     _register_detector_commands(sub)
     return parser

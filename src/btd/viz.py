@@ -53,7 +53,9 @@ def scanner_examples(scans: list[ScanVolume], path: str | Path) -> plt.Figure:
     return fig
 
 
-def nps_curves(nps: dict[str, tuple[np.ndarray, np.ndarray]], title: str, path: str | Path) -> plt.Figure:
+def nps_curves(
+    nps: dict[str, tuple[np.ndarray, np.ndarray]], title: str, path: str | Path
+) -> plt.Figure:
     """Radial noise power spectrum per scanner: the forensic fingerprint BTD relies on."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, (f, p) in sorted(nps.items()):

@@ -86,16 +86,21 @@ def real_cohort(modality: str, source: str, raw_dir: str | Path) -> list[ScanVol
     elif source == "duke":
         from btd.data.duke import load_duke
 
-        loaders["duke"] = lambda: load_duke(raw_dir / "duke", raw_dir / "duke" / "Annotation_Boxes.csv")
+        loaders["duke"] = lambda: load_duke(
+            raw_dir / "duke", raw_dir / "duke" / "Annotation_Boxes.csv"
+        )
     expected = {"ct": "lidc", "mri": "duke"}[modality]
     if source != expected:
         raise BTDConfigError(
-            f"data.{modality}.source", f"'{source}' is not a {modality} source; use 'virtual' or '{expected}'"
+            f"data.{modality}.source",
+            f"'{source}' is not a {modality} source; use 'virtual' or '{expected}'",
         )
     return list(loaders[source]())
 
 
-def acquire(modality: str, raw_dir: str | Path, cfg: dict, seed: int, n_jobs: int = 2) -> list[ScanVolume]:
+def acquire(
+    modality: str, raw_dir: str | Path, cfg: dict, seed: int, n_jobs: int = 2
+) -> list[ScanVolume]:
     """The cohort of one modality from the source chosen in params."""
     source = cfg.get("source", "virtual")
     if source not in SOURCES:

@@ -47,7 +47,9 @@ def build_patch_dataset(
     """Normalise every scan, cut TM and TB patches, and assign patient-level splits."""
     for s in scans:
         check_annotations(s)
-    patients = pd.DataFrame({"patient": [s.patient for s in scans], "scanner": [s.scanner for s in scans]})
+    patients = pd.DataFrame(
+        {"patient": [s.patient for s in scans], "scanner": [s.scanner for s in scans]}
+    )
     split_of = split_patients(patients, split_fractions, seed)
     pool = tumour_location_pool(scans)
     rng = np.random.default_rng(seed)
@@ -85,7 +87,9 @@ def save_patch_dataset(folder: str | Path, patches: np.ndarray, manifest: pd.Dat
     write_atomic(folder / "manifest.csv", lambda p: manifest.to_csv(p, index=False))
 
 
-def load_patch_dataset(folder: str | Path, split: str | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+def load_patch_dataset(
+    folder: str | Path, split: str | None = None
+) -> tuple[np.ndarray, pd.DataFrame]:
     """Patches and manifest rows, optionally of one split; checks the pair is consistent."""
     folder = Path(folder)
     ppath, mpath = folder / "patches.npy", folder / "manifest.csv"
@@ -98,7 +102,11 @@ def load_patch_dataset(folder: str | Path, split: str | None = None) -> tuple[np
         raise BTDInputError(ppath, f"not a readable .npy array ({exc})") from None
     manifest = pd.read_csv(mpath)
     if len(manifest) != len(patches) or patches.ndim != 4:
-        raise BTDInputError(mpath, f"{len(manifest)} manifest rows for patches of shape {patches.shape}")
+        raise BTDInputError(
+            mpath, f"{len(manifest)} manifest rows for patches of shape {patches.shape}"
+        )
     if split is not None:
         manifest = manifest[manifest["split"] == split]
-    return np.ascontiguousarray(patches[manifest["index"].to_numpy()]), manifest.reset_index(drop=True)
+    return np.ascontiguousarray(patches[manifest["index"].to_numpy()]), manifest.reset_index(
+        drop=True
+    )

@@ -11,10 +11,14 @@ CT_HU_MAX = 2000.0
 def normalize_ct(hu: np.ndarray) -> np.ndarray:
     """Clip HU to [-700, 2000] (air .. bone) and map linearly to [0, 1], as BTD's CT loader does."""
     hu = np.asarray(hu, dtype=np.float32)
-    return ((np.clip(hu, CT_HU_MIN, CT_HU_MAX) - CT_HU_MIN) / (CT_HU_MAX - CT_HU_MIN)).astype(np.float32)
+    return ((np.clip(hu, CT_HU_MIN, CT_HU_MAX) - CT_HU_MIN) / (CT_HU_MAX - CT_HU_MIN)).astype(
+        np.float32
+    )
 
 
-def normalize_mri_patient(volume: np.ndarray, clip_percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+def normalize_mri_patient(
+    volume: np.ndarray, clip_percentiles: tuple[float, float] = (0.5, 99.5)
+) -> np.ndarray:
     """Standardise one patient's MRI volume (z-score), then scale to [0, 1].
 
     The z-score removes the scanner's arbitrary intensity gain; the percentile clip keeps a few bright

@@ -41,4 +41,6 @@ class ScanVolume:
 
     def __post_init__(self) -> None:
         if self.volume.ndim != 3:
-            raise ValueError(f"{self.patient}: volume must be 3-D (Z, Y, X), got shape {self.volume.shape}")
+            raise ValueError(
+                f"{self.patient}: volume must be 3-D (Z, Y, X), got shape {self.volume.shape}"
+            )

@@ -41,7 +41,9 @@ def load_scan(path: str | Path) -> ScanVolume:
             volume = z["volume"]
             meta = json.loads(str(z["meta"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise BTDInputError(path, f"not a readable BTD scan file ({exc.__class__.__name__}: {exc})") from None
+        raise BTDInputError(
+            path, f"not a readable BTD scan file ({exc.__class__.__name__}: {exc})"
+        ) from None
     return ScanVolume(
         patient=meta["patient"],
         modality=meta["modality"],

@@ -21,7 +21,9 @@ def check_fractions(fractions: dict[str, float], field: str = "data.split") -> d
     return {k: float(fractions[k]) for k in SPLITS}
 
 
-def split_patients(patients: pd.DataFrame, fractions: dict[str, float], seed: int) -> dict[str, str]:
+def split_patients(
+    patients: pd.DataFrame, fractions: dict[str, float], seed: int
+) -> dict[str, str]:
     """Assign each patient (columns: patient, scanner) to a split, stratified by scanner.
 
     Each scanner's patients are shuffled and cut by the fractions, with at least one patient per split

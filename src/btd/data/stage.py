@@ -67,7 +67,12 @@ def preprocess_modality(
         save_scan(s, out_scans)
     t1 = time.perf_counter()
     patches, manifest = build_patch_dataset(
-        scans, int(cfg["patch_size"]), int(cfg["healthy_per_slice"]), split_fractions, seed, margin_mm
+        scans,
+        int(cfg["patch_size"]),
+        int(cfg["healthy_per_slice"]),
+        split_fractions,
+        seed,
+        margin_mm,
     )
     save_patch_dataset(Path(processed_dir) / modality, patches, manifest)
     return ModalityResult(modality, scans, patches, manifest, t1 - t0, time.perf_counter() - t1)
@@ -97,7 +102,9 @@ def stage_metrics(results: list[ModalityResult]) -> dict:
             "patches": int(len(m)),
             "patches_TM": int((m["label"] == "TM").sum()),
             "patches_TB": int((m["label"] == "TB").sum()),
-            "patches_per_split": {k: int(v) for k, v in m["split"].value_counts().sort_index().items()},
+            "patches_per_split": {
+                k: int(v) for k, v in m["split"].value_counts().sort_index().items()
+            },
             "seconds_acquire": round(r.seconds_acquire, 1),
             "seconds_patches": round(r.seconds_patches, 1),
         }

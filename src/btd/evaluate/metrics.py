@@ -97,6 +97,8 @@ def bootstrap_table(
     rows = []
     for key, g in scores.groupby(by, sort=True):
         key = key if isinstance(key, tuple) else (key,)
-        res = bootstrap(g["fake"].to_numpy(), g["score"].to_numpy(), g["scanner"].to_numpy(), n_iter, seed)
+        res = bootstrap(
+            g["fake"].to_numpy(), g["score"].to_numpy(), g["scanner"].to_numpy(), n_iter, seed
+        )
         rows.append({**dict(zip(by, key, strict=True)), **res.as_dict()})
     return pd.DataFrame(rows)

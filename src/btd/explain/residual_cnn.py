@@ -31,7 +31,9 @@ class ResidualCNN(nn.Module):
 class FitResult:
     model: ResidualCNN
     history: list[dict]
-    scale: float  # residuals are divided by this (their train std) so the CNN sees unit-scale inputs
+    scale: (
+        float  # residuals are divided by this (their train std) so the CNN sees unit-scale inputs
+    )
 
 
 def fit_residual_cnn(
@@ -96,7 +98,9 @@ def shap_values(
     except Exception as exc:  # noqa: BLE001 - any failure of the explainer is reported, not hidden
         explainer = shap.GradientExplainer(fit.model, bg)
         values = explainer.shap_values(ex)
-        used = f"GradientExplainer (DeepExplainer failed: {exc.__class__.__name__}: {str(exc)[:120]})"
+        used = (
+            f"GradientExplainer (DeepExplainer failed: {exc.__class__.__name__}: {str(exc)[:120]})"
+        )
     values = np.asarray(values)
     # shap returns (N,1,P,P,outputs) or a list per output; take the 'fake' output
     if values.ndim == 5:

@@ -17,7 +17,9 @@ PROFILES = ("paper", "tiny")
 def overrides(name: str) -> dict[str, Any]:
     """The nested override mapping of a profile."""
     if name not in PROFILES:
-        raise BTDConfigError("profile", f"unknown profile '{name}'; known: default (params.yaml), {PROFILES}")
+        raise BTDConfigError(
+            "profile", f"unknown profile '{name}'; known: default (params.yaml), {PROFILES}"
+        )
     text = resources.files(__package__).joinpath(f"{name}.yaml").read_text()
     return yaml.safe_load(text) or {}
 
@@ -59,5 +61,7 @@ def apply(name: str, params_path: str | Path = "params.yaml") -> dict[str, Any]:
     params_path = Path(params_path)
     merged = merge(yaml.safe_load(params_path.read_text()), overrides(name))
     header = f"# params.yaml with the '{name}' profile applied (git checkout params.yaml restores the default)\n"
-    write_atomic(params_path, lambda p: p.write_text(header + yaml.safe_dump(merged, sort_keys=False)))
+    write_atomic(
+        params_path, lambda p: p.write_text(header + yaml.safe_dump(merged, sort_keys=False))
+    )
     return merged
