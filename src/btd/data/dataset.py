@@ -29,7 +29,8 @@ def check_annotations(scan: ScanVolume) -> None:
     """An annotation outside the volume is a data error: name the patient and the tumour."""
     z, h, w = scan.volume.shape
     for i, t in enumerate(scan.tumours):
-        if not (0 <= t.z < z and 0 <= t.y < h and 0 <= t.x < w):
+        # voxel i covers [i - 0.5, i + 0.5): a centre between the first slice and its edge is inside
+        if not (-0.5 <= t.z < z - 0.5 and -0.5 <= t.y < h - 0.5 and -0.5 <= t.x < w - 0.5):
             raise BTDInputError(
                 f"{scan.source}:{scan.patient}",
                 f"tumour {i} at (z={t.z}, y={t.y}, x={t.x}) lies outside the volume of shape {scan.volume.shape}",
