@@ -29,3 +29,14 @@ def toy_scan(
     if tumours is None:
         tumours = [Tumour(z=shape[0] // 2, y=shape[1] // 2, x=shape[2] // 2, diameter_mm=8.0)]
     return ScanVolume(patient, modality, scanner, vol, (2.0, 1.0, 1.0), tumours)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny test models gain nothing from threads, and oversubscribing 2 cores slows them 10x."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

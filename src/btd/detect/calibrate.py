@@ -1,0 +1,202 @@
+"""Unsupervised threshold calibration (paper section 3.4).
+
+Score benign patches the model was not trained on, fit a distribution to those scores, and set the
+threshold tau at the fitted quantile 1 - target_fpr, so that a benign patch is flagged (score >
+tau) with probability target_fpr. No fake sample is needed.
+
+Families: `lognormal`, `gamma`, `weibull` (two-parameter, location fixed at 0; BTD scores are
+positive mean squares), `kde` (Gaussian KDE of log-scores) and `empirical` (order statistic).
+`auto` fits the three parametric families by maximum likelihood and keeps the lowest AIC; if even
+that one fails a Kolmogorov-Smirnov test at level `ks_alpha` the parametric shape is not trusted
+and the empirical quantile is used instead. A parametric fit extrapolates to small FPRs from few
+samples; the empirical quantile needs about 1/target_fpr samples but assumes no shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import optimize, stats
+
+from btd.atomic import write_json
+from btd.errors import BTDConfigError, BTDInputError
+
+PARAMETRIC = {
+    "lognormal": (stats.lognorm, ("sigma", "scale")),
+    "gamma": (stats.gamma, ("shape", "scale")),
+    "weibull": (stats.weibull_min, ("shape", "scale")),
+}
+FAMILIES = ("auto", *PARAMETRIC, "kde", "empirical")
+MIN_SAMPLES = 10
+
+
+@dataclass
+class Calibration:
+    """A fitted benign-score distribution and the threshold it implies."""
+
+    family: str
+    params: dict[str, float]
+    threshold: float
+    target_fpr: float
+    n: int
+    ks_statistic: float | None = None
+    ks_pvalue: float | None = None
+    candidates: dict[str, dict[str, float]] = field(default_factory=dict)
+    note: str = ""
+
+    def apply(self, scores) -> np.ndarray:
+        """Boolean flags: True = fake (score strictly above the threshold)."""
+        return np.asarray(scores, dtype=np.float64) > self.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "calibration") -> Calibration:
+        """Inverse of `to_dict`; BTDInputError naming `source` for missing/unknown fields."""
+        required = ("family", "params", "threshold", "target_fpr", "n")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise BTDInputError(source, f"calibration is missing fields {missing}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BTDInputError(source, f"unknown calibration fields {unknown}")
+        cal = cls(**d)
+        if not math.isfinite(float(cal.threshold)):
+            raise BTDInputError(source, f"threshold is not finite: {cal.threshold!r}")
+        return cal
+
+    def save(self, path: str | Path) -> Path:
+        """Write as JSON atomically (conventionally next to the checkpoint)."""
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        """Read a calibration JSON written by `save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise BTDInputError(path, "calibration file not found")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BTDInputError(path, f"not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise BTDInputError(path, "calibration JSON must be an object")
+        return cls.from_dict(data, source=str(path))
+
+
+def calibration_path(checkpoint: str | Path, task: str) -> Path:
+    """Conventional location: `calibration_<task>.json` beside the checkpoint."""
+    return Path(checkpoint).with_name(f"calibration_{task}.json")
+
+
+def _check_scores(scores, need_positive: bool) -> np.ndarray:
+    x = np.asarray(scores, dtype=np.float64).ravel()
+    if x.size < MIN_SAMPLES:
+        raise BTDInputError("benign_scores", f"need at least {MIN_SAMPLES} scores, got {x.size}")
+    if not np.isfinite(x).all():
+        raise BTDInputError("benign_scores", "scores contain NaN or infinite values")
+    if need_positive and (x <= 0).any():
+        raise BTDInputError("benign_scores", "this family needs strictly positive scores")
+    return x
+
+
+def _fit_parametric(name: str, x: np.ndarray) -> tuple[dict[str, float], float, float, float]:
+    """MLE fit with location 0 -> (params, AIC, KS statistic, KS p-value)."""
+    dist, names = PARAMETRIC[name]
+    shape, _, scale = dist.fit(x, floc=0)
+    frozen = dist(shape, loc=0, scale=scale)
+    loglik = float(np.sum(frozen.logpdf(x)))
+    aic = 2 * 2 - 2 * loglik
+    ks = stats.kstest(x, frozen.cdf)
+    params = dict(zip(names, (float(shape), float(scale)), strict=True))
+    return params, aic, float(ks.statistic), float(ks.pvalue)
+
+
+def _parametric_threshold(name: str, params: dict[str, float], target_fpr: float) -> float:
+    dist, names = PARAMETRIC[name]
+    return float(dist(params[names[0]], loc=0, scale=params[names[1]]).isf(target_fpr))
+
+
+def _empirical_threshold(x: np.ndarray, target_fpr: float) -> tuple[float, str]:
+    """Order statistic k = ceil((1-fpr)(n+1)): a fresh benign score exceeds it w.p. <= fpr."""
+    xs = np.sort(x)
+    k = math.ceil((1.0 - target_fpr) * (x.size + 1))
+    if k > x.size:
+        return float(xs[-1]), (
+            f"target FPR {target_fpr} is below the empirical resolution 1/(n+1) = "
+            f"{1 / (x.size + 1):.3g}; threshold = max benign score"
+        )
+    return float(xs[k - 1]), ""
+
+
+def _kde_threshold(x: np.ndarray, target_fpr: float) -> tuple[dict[str, float], float]:
+    """Gaussian KDE on log-scores (Scott bandwidth); invert its CDF by root finding."""
+    logs = np.log(x)
+    bw = float(np.sqrt(stats.gaussian_kde(logs).covariance[0, 0]))
+    bw = bw if bw > 0 else 1e-12
+
+    def survival(y: float) -> float:
+        return float(stats.norm.sf((y - logs) / bw).mean()) - target_fpr
+
+    lo, hi = logs.min() - 20 * bw, logs.max() + 20 * bw
+    y = optimize.brentq(survival, lo, hi, xtol=1e-12)
+    return {"bandwidth_log": bw}, float(np.exp(y))
+
+
+def fit_threshold(
+    benign_scores, target_fpr: float, family: str = "auto", ks_alpha: float = 0.01
+) -> Calibration:
+    """Fit benign scores and return the threshold whose fitted false-positive rate is target_fpr."""
+    if family not in FAMILIES:
+        raise BTDConfigError("family", f"unknown {family!r}; use one of {FAMILIES}")
+    if not isinstance(target_fpr, int | float) or not 0 < target_fpr < 1:
+        raise BTDConfigError("target_fpr", f"must be in (0, 1), got {target_fpr!r}")
+    positive_needed = family in PARAMETRIC or family == "kde"
+    x = _check_scores(benign_scores, need_positive=positive_needed)
+    if family == "empirical" or (family == "auto" and (x <= 0).any()):
+        threshold, note = _empirical_threshold(x, target_fpr)
+        if family == "auto":
+            note = ("non-positive scores: parametric families skipped. " + note).strip()
+        return Calibration("empirical", {}, threshold, float(target_fpr), int(x.size), note=note)
+    if family == "kde":
+        params, threshold = _kde_threshold(x, target_fpr)
+        return Calibration("kde", params, threshold, float(target_fpr), int(x.size))
+    names = list(PARAMETRIC) if family == "auto" else [family]
+    fits, candidates = {}, {}
+    for name in names:
+        params, aic, ks, ks_p = _fit_parametric(name, x)
+        fits[name] = params
+        candidates[name] = {"aic": aic, "ks_statistic": ks, "ks_pvalue": ks_p}
+    best = min(candidates, key=lambda n: candidates[n]["aic"])
+    ks, ks_p = candidates[best]["ks_statistic"], candidates[best]["ks_pvalue"]
+    if family == "auto" and ks_p < ks_alpha:
+        threshold, note = _empirical_threshold(x, target_fpr)
+        note = f"best parametric fit ({best}) rejected by KS (p={ks_p:.3g}); empirical quantile. {note}"
+        return Calibration(
+            "empirical",
+            {},
+            threshold,
+            float(target_fpr),
+            int(x.size),
+            ks,
+            ks_p,
+            candidates,
+            note.strip(),
+        )
+    threshold = _parametric_threshold(best, fits[best], target_fpr)
+    return Calibration(
+        best, fits[best], threshold, float(target_fpr), int(x.size), ks, ks_p, candidates
+    )
+
+
+def apply(calibration: Calibration, scores) -> np.ndarray:
+    """Flags (True = fake) for `scores` under `calibration` (same as `calibration.apply`)."""
+    return calibration.apply(scores)

@@ -1,0 +1,160 @@
+"""Checkpoints of the BTD diffusion model: atomic save, safe load, readable errors.
+
+A checkpoint is one `torch.save`d dict holding only tensors, dicts, lists, numbers and strings, so
+it loads with `torch.load(weights_only=True)` (no arbitrary pickled code runs on load). It holds the
+online model, the EMA model (what the detector uses), the optimiser, the step, the training RNG
+state, the training config and the loss history: enough to resume a killed run bit-exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from denoising_diffusion_pytorch import GaussianDiffusion
+
+from btd.atomic import atomic_path
+from btd.errors import BTDInputError
+
+FORMAT = "btd-ddpm"
+FORMAT_VERSION = 1
+#: Config fields that fix the network's shapes or the diffusion schedule.
+MODEL_FIELDS = (
+    "image_size",
+    "dim",
+    "dim_mults",
+    "channels",
+    "timesteps",
+    "beta_schedule",
+    "objective",
+)
+REQUIRED_KEYS = ("format", "format_version", "config", "step", "model", "ema")
+
+
+def library_version() -> str:
+    """Installed denoising-diffusion-pytorch version (stored for provenance)."""
+    try:
+        from denoising_diffusion_pytorch.version import __version__
+
+        return str(__version__)
+    except ImportError:  # pragma: no cover - very old releases
+        return "unknown"
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write `state` atomically: a run killed mid-write leaves the previous checkpoint intact."""
+    state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def _short_reason(exc: BaseException) -> str:
+    """One line of a torch.load failure (its unpickler line when there is one)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in lines:
+        if "Unpickler error" in line:
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict on CPU; BTDInputError if missing, corrupt or not a BTD checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise BTDInputError(path, "checkpoint file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on garbage input
+        first = _short_reason(exc)
+        raise BTDInputError(
+            path, f"not a readable torch checkpoint (corrupt, truncated or another format): {first}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        keys = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise BTDInputError(
+            path,
+            f"not a BTD diffusion checkpoint (no format={FORMAT!r}; found {keys}); "
+            "checkpoints of the original BTD/lucidrains trainer do not fit the 2.x U-Net",
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise BTDInputError(path, f"checkpoint is incomplete, missing {missing}")
+    if state["format_version"] > FORMAT_VERSION:
+        raise BTDInputError(
+            path,
+            f"checkpoint format v{state['format_version']} is newer than this code (v{FORMAT_VERSION})",
+        )
+    return state
+
+
+def model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The shape-defining part of a config, with tuples/lists normalised for comparison."""
+    out = {}
+    for key in MODEL_FIELDS:
+        value = config.get(key)
+        out[key] = list(value) if isinstance(value, list | tuple) else value
+    return out
+
+
+def check_model_config(path: str | Path, stored: dict[str, Any], expected: dict[str, Any]) -> None:
+    """BTDInputError naming each differing field when a checkpoint is for another model size."""
+    have, want = model_config(stored), model_config(expected)
+    diffs = [
+        f"{k}={have[k]!r} (checkpoint) vs {want[k]!r} (expected)"
+        for k in MODEL_FIELDS
+        if have[k] != want[k]
+    ]
+    if diffs:
+        raise BTDInputError(path, "checkpoint is for another model: " + "; ".join(diffs))
+
+
+def load_module_state(
+    module: torch.nn.Module, state_dict: dict, path: str | Path, what: str
+) -> None:
+    """`load_state_dict(strict=True)` with shape/key mismatches turned into one BTDInputError."""
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:4]) if len(lines) > 1 else lines[0] if lines else ""
+        raise BTDInputError(path, f"{what} weights do not fit the model: {detail}") from None
+
+
+def load_checkpoint(path: str | Path, expected: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a checkpoint and, if `expected` (a config dict) is given, check it is the same model."""
+    state = read_checkpoint(path)
+    if expected is not None:
+        check_model_config(path, state["config"], expected)
+    return state
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu"):
+    """Build the model a checkpoint describes, with its EMA weights, in eval mode on `device`.
+
+    Returns `(diffusion, config)`, `config` a `TrainConfig`. The EMA weights are what the detector
+    scores with (the paper's README loads the online weights; EMA is the usual, smoother choice).
+    """
+    from btd.diffusion.train import TrainConfig, build_from_config  # late: train imports us
+
+    state = read_checkpoint(path)
+    config = TrainConfig.from_dict(state["config"], source=str(path))
+    diffusion = build_from_config(config)
+    load_module_state(diffusion, state["ema"], path, "EMA")
+    diffusion.to(device).eval().requires_grad_(False)
+    return diffusion, config
+
+
+def load_online_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[GaussianDiffusion, Any]:
+    """Like `load_detector` but with the raw (non-EMA) weights, as the paper's README loads them."""
+    from btd.diffusion.train import TrainConfig, build_from_config
+
+    state = read_checkpoint(path)
+    config = TrainConfig.from_dict(state["config"], source=str(path))
+    diffusion = build_from_config(config)
+    load_module_state(diffusion, state["model"], path, "model")
+    diffusion.to(device).eval().requires_grad_(False)
+    return diffusion, config

@@ -1,0 +1,498 @@
+"""Own DDPM training loop over a tensor of patches, resumable bit-exactly.
+
+The library's `Trainer` only reads image folders, so BTD (like the paper's `CT_trainer.py`) needs
+its own loop. This one follows the Trainer's recipe (Adam betas (0.9, 0.99), grad-norm clip 1.0,
+`ema_pytorch.EMA`) and adds what a pipeline stage needs:
+
+- every random draw (batch indices, flips, timesteps, noise) comes from ONE dedicated CPU
+  `torch.Generator`, whose state is checkpointed; the global RNGs are never used, so a run killed
+  and resumed from its last checkpoint ends bit-identical to an uninterrupted one (on the same
+  device). numpy is not used for any training randomness, so it has no state to save.
+- a validation loss on a fixed set (fixed patches, noise and stratified timesteps derived from the
+  seed), evaluated with the EMA model, comparable across evaluations; plus the loss at t = 0, the
+  only timestep BTD queries.
+- atomic checkpoints every `ckpt_every` steps and at the end, and a loss log CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from denoising_diffusion_pytorch import GaussianDiffusion
+from ema_pytorch import EMA
+from tqdm.auto import tqdm
+
+from btd.atomic import atomic_path
+from btd.diffusion.checkpoint import (
+    library_version,
+    load_checkpoint,
+    load_module_state,
+    save_checkpoint,
+)
+from btd.diffusion.model import as_patch_tensor, build_diffusion, check_model_size, diffusion_loss
+from btd.diffusion.timesteps import TimestepSampler, make_sampler
+from btd.errors import BTDConfigError, BTDInputError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOSS_LOG_NAME = "loss_log.csv"
+#: Fields that may change between a run and its resumption (they do not alter the trajectory).
+RESUMABLE_FIELDS = ("steps", "val_every", "ckpt_every", "device")
+ADAM_BETAS = (0.9, 0.99)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (model size, optimiser, schedule, bookkeeping)."""
+
+    image_size: int = 48
+    dim: int = 16
+    dim_mults: tuple[int, ...] = (1, 2, 4)
+    batch_size: int = 16
+    steps: int = 1000
+    lr: float = 1e-4
+    ema_decay: float = 0.995
+    ema_update_every: int = 10
+    ema_update_after_step: int = 100
+    timestep_sampler: str = "uniform"
+    timestep_kwargs: dict[str, float] = field(default_factory=dict)
+    val_every: int = 100
+    ckpt_every: int = 500
+    seed: int = 0
+    device: str = "cpu"
+    hflip: bool = False
+    max_grad_norm: float = 1.0
+    val_size: int = 256
+    channels: int = 1
+    timesteps: int = 1000
+    beta_schedule: str = "sigmoid"
+    objective: str = "pred_noise"
+    attn_heads: int = 4
+    attn_dim_head: int = 32
+
+    def __post_init__(self) -> None:
+        self.dim_mults = tuple(self.dim_mults)
+        self.timestep_kwargs = dict(self.timestep_kwargs)
+
+    def validate(self) -> TrainConfig:
+        """Raise BTDConfigError naming the first bad field; return self for chaining."""
+        check_model_size(self.image_size, self.dim, self.dim_mults)
+        positive_ints = (
+            "batch_size",
+            "steps",
+            "ema_update_every",
+            "val_every",
+            "ckpt_every",
+            "val_size",
+        )
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise BTDConfigError(name, f"must be a positive integer, got {value!r}")
+        if not isinstance(self.ema_update_after_step, int) or self.ema_update_after_step < 0:
+            raise BTDConfigError("ema_update_after_step", "must be a non-negative integer")
+        if not (isinstance(self.lr, int | float) and 0 < self.lr < 1):
+            raise BTDConfigError("lr", f"must be in (0, 1), got {self.lr!r}")
+        if not (isinstance(self.ema_decay, int | float) and 0 <= self.ema_decay <= 1):
+            raise BTDConfigError("ema_decay", f"must be in [0, 1], got {self.ema_decay!r}")
+        if not (isinstance(self.max_grad_norm, int | float) and self.max_grad_norm > 0):
+            raise BTDConfigError("max_grad_norm", "must be positive")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise BTDConfigError("seed", f"must be a non-negative integer, got {self.seed!r}")
+        for name in ("attn_heads", "attn_dim_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise BTDConfigError(name, f"must be a positive integer, got {value!r}")
+        if self.channels != 1:
+            raise BTDConfigError("channels", "BTD patches are single-channel; channels must be 1")
+        resolve_device(self.device)
+        self.sampler()  # unknown sampler / bad kwargs -> BTDConfigError
+        return self
+
+    def sampler(self) -> TimestepSampler:
+        """The configured timestep sampler."""
+        return make_sampler(self.timestep_sampler, self.timesteps, **self.timestep_kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists, not tuples) for checkpoints and JSON."""
+        d = asdict(self)
+        d["dim_mults"] = list(self.dim_mults)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str | None = None) -> TrainConfig:
+        """Build from a dict (params.yaml section or checkpoint); unknown keys are an error.
+
+        With `source` (a file) errors are BTDInputError naming it, else BTDConfigError.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            problem = f"unknown training config keys {unknown}; known: {sorted(known)}"
+            if source is not None:
+                raise BTDInputError(source, problem)
+            raise BTDConfigError(unknown[0], problem)
+        return cls(**d)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available) -> torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BTDConfigError("device", f"not a torch device: {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BTDConfigError("device", f"{device!r} requested but CUDA is not available")
+    return dev
+
+
+def build_from_config(config: TrainConfig) -> GaussianDiffusion:
+    """The diffusion model a config describes, with seeded initial weights (on CPU)."""
+    return build_diffusion(
+        image_size=config.image_size,
+        dim=config.dim,
+        dim_mults=config.dim_mults,
+        channels=config.channels,
+        timesteps=config.timesteps,
+        beta_schedule=config.beta_schedule,
+        objective=config.objective,
+        seed=config.seed,
+        attn_heads=config.attn_heads,
+        attn_dim_head=config.attn_dim_head,
+    )
+
+
+@dataclass
+class TrainResult:
+    """What `train` hands back: both models, the loss history and where things were written."""
+
+    model: GaussianDiffusion
+    ema_model: GaussianDiffusion
+    loss_log: list[dict[str, float]]
+    checkpoint: Path
+    loss_log_csv: Path
+    config: TrainConfig
+    start_step: int
+    end_step: int
+    seconds: float
+
+    @property
+    def steps_per_second(self) -> float:
+        """Training speed of this call (steps run / wall seconds, validation included)."""
+        done = self.end_step - self.start_step
+        return done / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class _State:
+    """The mutable pieces of a run, all of which go into a checkpoint."""
+
+    diffusion: GaussianDiffusion
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    step: int = 0
+    loss_log: list[dict[str, float]] = field(default_factory=list)
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+
+def seed_from(seed: int, *stream: int) -> int:
+    """An independent 63-bit seed for a named sub-stream (SeedSequence spawning)."""
+    low, high = np.random.SeedSequence([seed, *stream]).generate_state(2, dtype=np.uint32)
+    return int(low) | (int(high) & 0x7FFFFFFF) << 32
+
+
+def _new_state(config: TrainConfig, device: torch.device) -> _State:
+    diffusion = build_from_config(config).to(device)
+    ema = EMA(
+        diffusion,
+        beta=config.ema_decay,
+        update_every=config.ema_update_every,
+        update_after_step=config.ema_update_after_step,
+    )
+    optimizer = torch.optim.Adam(diffusion.parameters(), lr=config.lr, betas=ADAM_BETAS)
+    generator = torch.Generator().manual_seed(seed_from(config.seed, 1))
+    return _State(diffusion, ema, optimizer, generator)
+
+
+def _checkpoint_state(state: _State, config: TrainConfig) -> dict[str, Any]:
+    return {
+        "config": config.to_dict(),
+        "step": state.step,
+        "model": state.diffusion.state_dict(),
+        "ema": state.ema.ema_model.state_dict(),
+        "ema_step": state.ema.step.detach().cpu().clone(),
+        "ema_initted": state.ema.initted.detach().cpu().clone(),
+        "optimizer": state.optimizer.state_dict(),
+        "rng_torch": state.generator.get_state(),
+        "loss_log": list(state.loss_log),
+        "loss_sum": float(state.loss_sum),
+        "loss_count": int(state.loss_count),
+        "library_version": library_version(),
+        "torch_version": str(torch.__version__),
+    }
+
+
+def _check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) -> None:
+    """A resumed run must follow the same trajectory: only bookkeeping fields may differ."""
+    current = config.to_dict()
+    for key, value in current.items():
+        if key in RESUMABLE_FIELDS or key not in stored:
+            continue
+        if stored[key] != value:
+            raise BTDConfigError(
+                key,
+                f"is {value!r} but checkpoint {path} was trained with {stored[key]!r}; "
+                "restore the value or train into a fresh output folder (resume=False overwrites)",
+            )
+
+
+def _restore(state: _State, ckpt: dict[str, Any], path: Path) -> None:
+    load_module_state(state.diffusion, ckpt["model"], path, "model")
+    load_module_state(state.ema.ema_model, ckpt["ema"], path, "EMA")
+    state.ema.step.copy_(ckpt["ema_step"])
+    state.ema.initted.copy_(ckpt["ema_initted"])
+    try:
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.generator.set_state(ckpt["rng_torch"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise BTDInputError(path, f"optimizer/RNG state does not fit: {exc}") from None
+    state.step = int(ckpt["step"])
+    state.loss_log = list(ckpt.get("loss_log", []))
+    state.loss_sum = float(ckpt.get("loss_sum", 0.0))
+    state.loss_count = int(ckpt.get("loss_count", 0))
+
+
+@dataclass
+class ValidationSet:
+    """Fixed patches, noise and timesteps: the val loss is comparable across evaluations."""
+
+    patches: torch.Tensor
+    noise: torch.Tensor
+    times: torch.Tensor
+
+    @classmethod
+    def build(cls, patches: torch.Tensor, config: TrainConfig) -> ValidationSet:
+        """Up to `val_size` evenly spaced patches; stratified timesteps over 0..T-1."""
+        n = min(len(patches), config.val_size)
+        index = torch.from_numpy(np.linspace(0, len(patches) - 1, n).round().astype(np.int64))
+        gen = torch.Generator().manual_seed(seed_from(config.seed, 2))
+        strata = ((torch.arange(n, dtype=torch.float64) + 0.5) * config.timesteps / n).long()
+        times = strata[torch.randperm(n, generator=gen)]
+        noise = torch.randn((n, *patches.shape[1:]), generator=gen)
+        return cls(patches[index].clone(), noise, times)
+
+    @torch.inference_mode()
+    def loss(self, diffusion: GaussianDiffusion, batch_size: int, at_t0: bool = False) -> float:
+        """Mean denoising loss (per-sample mean, then mean over the set)."""
+        device, total = diffusion.betas.device, 0.0
+        for lo in range(0, len(self.patches), batch_size):
+            sl = slice(lo, lo + batch_size)
+            times = torch.zeros_like(self.times[sl]) if at_t0 else self.times[sl]
+            per = diffusion_loss(
+                diffusion,
+                self.patches[sl].to(device),
+                times.to(device),
+                self.noise[sl].to(device),
+                reduction="none",
+            )
+            total += float(per.sum())
+        return total / len(self.patches)
+
+
+def _draw_batch(
+    patches: torch.Tensor, config: TrainConfig, sampler: TimestepSampler, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch, timesteps and noise, in a fixed draw order from the run's generator."""
+    index = torch.randint(0, len(patches), (config.batch_size,), generator=gen)
+    batch = patches[index]
+    if config.hflip:
+        flip = torch.rand(config.batch_size, generator=gen) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    times = sampler(config.batch_size, gen)
+    noise = torch.randn(batch.shape, generator=gen)
+    return batch, times, noise
+
+
+def _train_step(state: _State, config: TrainConfig, batch, times, noise) -> torch.Tensor:
+    device = state.diffusion.betas.device
+    state.diffusion.train()
+    loss = diffusion_loss(state.diffusion, batch.to(device), times.to(device), noise.to(device))
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(state.diffusion.parameters(), config.max_grad_norm)
+    state.optimizer.step()
+    state.ema.update()
+    return loss.detach()
+
+
+def _log_entry(state: _State, config: TrainConfig, val: ValidationSet | None, wall: float) -> dict:
+    train_loss = state.loss_sum / state.loss_count if state.loss_count else float("nan")
+    entry = {
+        "step": state.step,
+        "train_loss": train_loss,
+        "val_loss": float("nan"),
+        "val_loss_t0": float("nan"),
+    }
+    if val is not None:
+        eval_bs = 4 * config.batch_size
+        entry["val_loss"] = val.loss(state.ema.ema_model, eval_bs)
+        entry["val_loss_t0"] = val.loss(state.ema.ema_model, eval_bs, at_t0=True)
+    entry["wall_s"] = wall
+    state.loss_sum, state.loss_count = 0.0, 0
+    return entry
+
+
+def write_loss_log(path: str | Path, loss_log: list[dict[str, float]]) -> Path:
+    """Loss history as CSV (step, train_loss, val_loss, val_loss_t0, wall_s), written atomically."""
+    columns = ["step", "train_loss", "val_loss", "val_loss_t0", "wall_s"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(loss_log)
+    return Path(path)
+
+
+def train(
+    train_patches: np.ndarray | torch.Tensor,
+    config: TrainConfig,
+    out_dir: str | Path,
+    val_patches: np.ndarray | torch.Tensor | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train (or resume training) a DDPM on [0, 1] patches (N, 1, P, P).
+
+    Writes `out_dir/checkpoint.pt` every `ckpt_every` steps and at the end, and
+    `out_dir/loss_log.csv`. With `resume=True` an existing checkpoint there is continued (config
+    must match except `steps`, `val_every`, `ckpt_every`, `device`); `resume=False` starts afresh.
+    `on_step(step)` is called after every step (progress hooks; tests use it to interrupt).
+    """
+    config.validate()
+    device = resolve_device(config.device)
+    out_dir = Path(out_dir)
+    ckpt_path, csv_path = out_dir / CHECKPOINT_NAME, out_dir / LOSS_LOG_NAME
+    patches = as_patch_tensor(train_patches, config.image_size, "train_patches")
+    val = None
+    if val_patches is not None:
+        val = ValidationSet.build(
+            as_patch_tensor(val_patches, config.image_size, "val_patches"), config
+        )
+
+    state = _new_state(config, device)
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, expected=config.to_dict())
+        _check_resumable(ckpt_path, ckpt["config"], config)
+        _restore(state, ckpt, ckpt_path)
+    start_step = state.step
+    sampler = config.sampler()
+    t0 = time.perf_counter()
+    wall0 = state.loss_log[-1]["wall_s"] if state.loss_log else 0.0
+    running = torch.zeros((), device=device)
+    bar = tqdm(
+        total=config.steps,
+        initial=min(state.step, config.steps),
+        disable=not progress,
+        desc="train ddpm",
+    )
+    while state.step < config.steps:
+        batch, times, noise = _draw_batch(patches, config, sampler, state.generator)
+        running += _train_step(state, config, batch, times, noise)
+        state.step += 1
+        state.loss_count += 1
+        at_end = state.step == config.steps
+        if state.step % config.val_every == 0 or state.step % config.ckpt_every == 0 or at_end:
+            state.loss_sum += float(running)  # sync with the device only here
+            running.zero_()
+        if state.step % config.val_every == 0 or at_end:
+            entry = _log_entry(state, config, val, wall0 + time.perf_counter() - t0)
+            state.loss_log.append(entry)
+            bar.set_postfix(loss=f"{entry['train_loss']:.4f}", val=f"{entry['val_loss']:.4f}")
+        if state.step % config.ckpt_every == 0 or at_end:
+            save_checkpoint(ckpt_path, _checkpoint_state(state, config))
+            write_loss_log(csv_path, state.loss_log)
+        bar.update(1)
+        if on_step is not None:
+            on_step(state.step)
+    bar.close()
+    if not ckpt_path.exists():  # resumed a run that had already finished elsewhere
+        save_checkpoint(ckpt_path, _checkpoint_state(state, config))
+    if not csv_path.exists():
+        write_loss_log(csv_path, state.loss_log)
+    state.ema.ema_model.eval()
+    return TrainResult(
+        model=state.diffusion,
+        ema_model=state.ema.ema_model,
+        loss_log=state.loss_log,
+        checkpoint=ckpt_path,
+        loss_log_csv=csv_path,
+        config=config,
+        start_step=start_step,
+        end_step=state.step,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+MANIFEST_COLUMNS = (
+    "index",
+    "patient",
+    "scanner",
+    "split",
+    "slice",
+    "cy",
+    "cx",
+    "diameter_mm",
+    "label",
+)
+SPLITS = ("train", "val", "holdout")
+
+
+def load_split(processed_dir: str | Path, split: str) -> tuple[np.ndarray, pd.DataFrame]:
+    """Patches and manifest rows of one split from `<processed_dir>/patches.npy` + `manifest.csv`.
+
+    Returns `(patches (n, 1, P, P) float32 in [0, 1], manifest rows reset to 0..n-1)`, where row i
+    of the manifest describes patch i.
+    """
+    if split not in SPLITS:
+        raise BTDConfigError("split", f"unknown split {split!r}; use one of {SPLITS}")
+    processed_dir = Path(processed_dir)
+    patches_path, manifest_path = processed_dir / "patches.npy", processed_dir / "manifest.csv"
+    for p in (patches_path, manifest_path):
+        if not p.is_file():
+            raise BTDInputError(p, "file not found (run the preprocess stage first)")
+    try:
+        patches = np.load(patches_path, mmap_mode="r")
+    except (ValueError, OSError) as exc:
+        raise BTDInputError(patches_path, f"not a readable .npy array: {exc}") from None
+    try:
+        manifest = pd.read_csv(manifest_path)
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise BTDInputError(manifest_path, f"not a readable CSV: {exc}") from None
+    missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
+    if missing:
+        raise BTDInputError(manifest_path, f"missing columns {missing}")
+    if patches.ndim != 4 or patches.shape[1] != 1:
+        raise BTDInputError(patches_path, f"expected shape (N, 1, P, P), got {patches.shape}")
+    rows = manifest[manifest["split"] == split].reset_index(drop=True)
+    index = rows["index"].to_numpy()
+    if len(index) and (index.min() < 0 or index.max() >= len(patches)):
+        raise BTDInputError(
+            manifest_path, f"index column points outside patches.npy (N={len(patches)})"
+        )
+    out = np.ascontiguousarray(patches[index], dtype=np.float32)
+    if out.size and not math.isfinite(float(out.sum())):
+        raise BTDInputError(patches_path, "patches contain NaN or infinite values")
+    return out, rows

@@ -1,0 +1,1 @@
+"""Stage orchestration: one module per DVC stage, called by the stage notebook."""

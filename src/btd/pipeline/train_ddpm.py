@@ -1,0 +1,100 @@
+"""The train_ddpm stage for one modality: train (resuming when possible), calibrate, sample."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from btd.data.dataset import load_patch_dataset
+from btd.detect.btd import score
+from btd.detect.calibrate import Calibration, calibration_path, fit_threshold
+from btd.diffusion.checkpoint import load_detector
+from btd.diffusion.train import CHECKPOINT_NAME, TrainConfig, TrainResult, train
+from btd.errors import BTDConfigError, BTDInputError
+from btd.params import parse_list
+
+#: Detection tasks: which real class is "benign" for calibration, and whether the tumour window is used.
+TASKS = {"inject": ("TM", True), "remove": ("TB", False)}
+
+
+def train_config(image_size: int, seed: int, **kw) -> TrainConfig:
+    """A TrainConfig from the flat papermill parameters (dim_mults arrives as '1,2,4')."""
+    kw["dim_mults"] = tuple(parse_list(kw["dim_mults"], "ddpm.dim_mults", int))
+    return TrainConfig(image_size=image_size, seed=seed, **kw).validate()
+
+
+def train_or_resume(
+    train_x: np.ndarray, val_x: np.ndarray, config: TrainConfig, out_dir: str | Path
+) -> TrainResult:
+    """Resume the checkpoint in `out_dir` if it is the same run; otherwise start afresh and say why.
+
+    The model folder is a persistent DVC output, so a killed stage picks up where it stopped, while
+    a params change (another model size, sampler, lr) retrains from scratch instead of failing.
+    """
+    out_dir = Path(out_dir)
+    try:
+        return train(train_x, config, out_dir, val_patches=val_x, resume=True)
+    except (BTDInputError, BTDConfigError) as exc:
+        if not (out_dir / CHECKPOINT_NAME).exists():
+            raise
+        print(f"not resuming {out_dir / CHECKPOINT_NAME}: {exc}; training from scratch")
+        return train(train_x, config, out_dir, val_patches=val_x, resume=False)
+
+
+def window_centres(manifest) -> np.ndarray:
+    """(row, col) of each site inside its patch: where the injection window sits."""
+    return manifest[["py", "px"]].to_numpy(dtype=np.float64)
+
+
+def calibrate(
+    diffusion, val_x: np.ndarray, val_manifest, window: int, target_fpr: float, checkpoint: Path
+) -> dict[str, Calibration]:
+    """Fit the benign-score distribution per task on validation data; save next to the checkpoint.
+
+    Injection is scored in the tumour window and its benign class is real tumours (TM); removal is
+    scored over the patch and its benign class is real healthy tissue (TB) (paper section 3.4).
+    """
+    out = {}
+    for task, (benign, use_window) in TASKS.items():
+        rows = (val_manifest["label"] == benign).to_numpy()
+        kw = {"window": window, "centres": window_centres(val_manifest[rows])} if use_window else {}
+        scores, _ = score(diffusion, val_x[rows], **kw)
+        cal = fit_threshold(scores, target_fpr)
+        cal.save(calibration_path(checkpoint, task))
+        out[task] = cal
+    return out
+
+
+def samples(diffusion, n: int, seed: int, ddim_steps: int = 100) -> np.ndarray:
+    """A few generated patches (DDIM, `ddim_steps` steps, eta 0) to eyeball what the model learned."""
+    saved = diffusion.sampling_timesteps, diffusion.is_ddim_sampling
+    diffusion.sampling_timesteps = min(ddim_steps, diffusion.num_timesteps)
+    diffusion.is_ddim_sampling = diffusion.sampling_timesteps < diffusion.num_timesteps
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return diffusion.sample(batch_size=n).cpu().numpy()[:, 0]
+    finally:
+        diffusion.sampling_timesteps, diffusion.is_ddim_sampling = saved
+
+
+def run(
+    modality: str,
+    processed_dir: str | Path,
+    model_dir: str | Path,
+    config: TrainConfig,
+    window: int,
+    target_fpr: float,
+) -> tuple[TrainResult, dict[str, Calibration], float]:
+    """Train + calibrate one modality; returns the result, calibrations and the wall time."""
+    t0 = time.perf_counter()
+    folder = Path(processed_dir) / modality
+    train_x, _ = load_patch_dataset(folder, "train")
+    val_x, val_m = load_patch_dataset(folder, "val")
+    result = train_or_resume(train_x, val_x, config, Path(model_dir) / modality)
+    detector, _ = load_detector(result.checkpoint)
+    cals = calibrate(detector, val_x, val_m, window, target_fpr, result.checkpoint)
+    return result, cals, time.perf_counter() - t0
