@@ -65,9 +65,26 @@ def test_preprocess_outputs_are_sane(tiny_run: Path) -> None:
             == manifest["patient"].nunique()
         )
     metrics = json.loads((tiny_run / "metrics/preprocess.json").read_text())
-    assert metrics["ct"]["patients"] == 6 and metrics["mri"]["patients"] == 6
+    assert metrics["ct"]["patients"] == 8 and metrics["mri"]["patients"] == 8
     for png in ("ct_scanners", "ct_nps", "mri_nps", "ct_counts", "mri_patches"):
         assert (tiny_run / f"reports/figures/preprocess/{png}.png").stat().st_size > 1000
+
+
+def test_train_ddpm_outputs_are_sane(tiny_run: Path) -> None:
+    from btd.detect.calibrate import Calibration
+    from btd.diffusion.checkpoint import load_detector
+
+    for modality in ("ct", "mri"):
+        folder = tiny_run / f"models/ddpm/{modality}"
+        detector, config = load_detector(folder / "checkpoint.pt")
+        assert config.steps == 20 and detector.image_size[0] in (24, 32)
+        log = pd.read_csv(folder / "loss_log.csv")
+        assert log["step"].iloc[-1] == 20 and np.isfinite(log["val_loss"]).all()
+        for task in ("inject", "remove"):
+            cal = Calibration.load(folder / f"calibration_{task}.json")
+            assert np.isfinite(cal.threshold) and cal.threshold > 0 and cal.target_fpr == 0.1
+        metrics = json.loads((tiny_run / f"metrics/train_ddpm_{modality}.json").read_text())
+        assert metrics["steps"] == 20 and metrics["timestep_sampler"] == "low_t"
 
 
 def test_executed_notebooks_have_outputs_and_no_errors(tiny_run: Path) -> None:

@@ -41,7 +41,20 @@ def step_ablation(
             detectors[modality_of(scenario)], images[idx], sub_meta, attack_of(scenario),
             windows[modality_of(scenario)], steps=k, method=method, seed=seed,
         )  # fmt: skip
-        res = bootstrap(sub_meta["fake"].to_numpy(), scores, sub_meta["scanner"].to_numpy(), n_iter, seed)
+        res = bootstrap(
+            sub_meta["fake"].to_numpy(), scores, sub_meta["scanner"].to_numpy(), n_iter, seed
+        )
         rows.append({"scenario": scenario, "method": "B" if method == "backward" else "F&B",
                      "steps": k, **res.as_dict()})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def metrics_json(table: pd.DataFrame) -> dict:
+    """{scenario: {'B-1': auc, 'F&B-10': auc, ...}} for `dvc metrics show/diff`."""
+    out: dict = {}
+    for r in table.itertuples():
+        out.setdefault(r.scenario, {})[f"{r.method}-{r.steps}"] = {
+            "auc": round(r.auc, 4),
+            "eer": round(r.eer, 4),
+        }
+    return out

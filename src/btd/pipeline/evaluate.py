@@ -85,7 +85,9 @@ def size_figure(sizes: pd.DataFrame, path: str | Path) -> plt.Figure:
     return grid.figure
 
 
-def calibration_check(scores: pd.DataFrame, model_dir: str | Path, method: str = "BTD") -> pd.DataFrame:
+def calibration_check(
+    scores: pd.DataFrame, model_dir: str | Path, method: str = "BTD"
+) -> pd.DataFrame:
     """FPR/TPR on each test set at the threshold calibrated on validation data (train_ddpm stage)."""
     rows = []
     for scenario, g in scores[scores["method"] == method].groupby("scenario"):

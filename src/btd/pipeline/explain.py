@@ -30,7 +30,12 @@ def split_half(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def explain_residuals(
-    residuals: np.ndarray, labels: np.ndarray, seed: int, epochs: int, n_background: int, n_explain: int
+    residuals: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    epochs: int,
+    n_background: int,
+    n_explain: int,
 ) -> dict:
     """Train the CNN, report held-out accuracy, SHAP the held-out fakes, and their entropies."""
     tr, te = split_half(labels, seed)

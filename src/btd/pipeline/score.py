@@ -12,7 +12,16 @@ from tqdm.auto import tqdm
 from btd.attacks.testsets import SCENARIOS, load_testset
 from btd.detect.btd import score as btd_score
 
-SCORE_COLUMNS = ["method", "scenario", "sample_id", "scanner", "label", "fake", "diameter_mm", "score"]
+SCORE_COLUMNS = [
+    "method",
+    "scenario",
+    "sample_id",
+    "scanner",
+    "label",
+    "fake",
+    "diameter_mm",
+    "score",
+]
 
 
 def modality_of(scenario: str) -> str:
@@ -74,6 +83,8 @@ def score_all(
         for name, baseline in baselines.get(m, {}).items():
             t0 = time.perf_counter()
             s = baseline.score(images)
-            timing.append({"method": name, "scenario": scenario, "seconds": time.perf_counter() - t0})
+            timing.append(
+                {"method": name, "scenario": scenario, "seconds": time.perf_counter() - t0}
+            )
             frames.append(tidy(name, scenario, meta, s))
     return pd.concat(frames, ignore_index=True), pd.DataFrame(timing)
