@@ -1,0 +1,117 @@
+"""The deepfakes stage: train the attackers on validation patients, tamper holdout patients, write test sets.
+
+Data hygiene (paper §4, issue): the BTD detector trains on `train` patients; the attackers train on `val`
+patients (which the detector never trained on); every test image comes from `holdout` patients.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from btd.attacks import inpaint_ddpm as diff
+from btd.attacks.ctgan import CTGANAttacker, tamper_ct
+from btd.attacks.cubes import training_cubes
+from btd.attacks.testsets import SITE_COLUMNS, build_testset, check_disjoint
+from btd.data.patches import extract_patch
+from btd.data.preprocess import normalize_ct
+from btd.data.records import ScanVolume
+
+#: attack -> (label of the holdout sites tampered, label of the holdout reals in the test set)
+SITES = {"inject": ("TB", "TM"), "remove": ("TM", "TB")}
+
+
+def pick_sites(manifest: pd.DataFrame, label: str, n: int, seed: int) -> pd.DataFrame:
+    """Up to `n` holdout rows of one label, spread over scanners (seeded)."""
+    rows = manifest[manifest["label"] == label]
+    if len(rows) <= n:
+        return rows
+    per = rows.groupby("scanner", group_keys=False)
+    frac = n / len(rows)
+    return per.apply(lambda g: g.sample(max(1, round(frac * len(g))), random_state=seed)).head(n)
+
+
+def fit_ctgan(scans: list[ScanVolume], role: str, cfg: dict, seed: int) -> tuple[CTGANAttacker, list[dict]]:
+    """Train CT-GAN's injector (on tumour cubes) or remover (on healthy cubes) of the attacker's scans."""
+    rng = np.random.default_rng(seed)
+    cubes = training_cubes(scans, role, rng, cube_mm=cfg["cube_mm"], cube_vox=cfg["cube_vox"])
+    gan = CTGANAttacker(role, cube_vox=cfg["cube_vox"], cube_mm=cfg["cube_mm"],
+                        base_filters=cfg["base_filters"], seed=seed)  # fmt: skip
+    history = gan.fit(cubes, steps=cfg["steps"], batch_size=cfg["batch_size"])
+    return gan, history
+
+
+def ctgan_fakes(
+    scans: dict[str, ScanVolume],
+    sites: pd.DataFrame,
+    attacker: CTGANAttacker,
+    attack: str,
+    patch_size: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Tamper each holdout site in its 3-D scan with CT-GAN; cut the fake patch and its tamper mask.
+
+    Removal is centred on the tumour's 3-D centre (the whole nodule goes); injection on the healthy
+    site. The patch is cut from the tampered slice exactly as the preprocess stage cuts real patches.
+    """
+    rng = np.random.default_rng(seed)
+    images, masks, rows = [], [], []
+    for site in tqdm(sites.itertuples(), total=len(sites), desc=f"CT-GAN {attack}", leave=False):
+        scan = scans[site.patient]
+        z, y, x = float(site.slice), float(site.cy), float(site.cx)
+        if attack == "remove":
+            t = min(scan.tumours, key=lambda t: (t.z - z) ** 2 + (t.y - y) ** 2 + (t.x - x) ** 2)
+            z, y, x = t.z, t.y, t.x
+        tampered, mask = tamper_ct(scan, z, y, x, attacker, rng, attack=attack)
+        img, py, px = extract_patch(normalize_ct(tampered[site.slice]), site.cy, site.cx, patch_size)
+        m, _, _ = extract_patch(mask[site.slice].astype(np.uint8), site.cy, site.cx, patch_size)
+        images.append(img)
+        masks.append(m)
+        row = {c: getattr(site, c) for c in SITE_COLUMNS}
+        row.update(py=py, px=px, diameter_mm=site.diameter_mm if attack == "remove" else np.nan)
+        rows.append(row)
+    return np.stack(images)[:, None], np.stack(masks), pd.DataFrame(rows, columns=SITE_COLUMNS)
+
+
+def fit_diffusion_attacker(
+    patches: np.ndarray, manifest: pd.DataFrame, cfg: dict, seed: int
+) -> tuple[diff.InpaintDDPM, dict]:
+    """Train the class-conditional in-painting DDPM on the attacker's TM (malign) and TB (benign) patches."""
+    config = diff.AttackerConfig(
+        image_size=cfg["window"], channels=tuple(cfg["channels"]), timesteps=cfg["timesteps"]
+    )
+    model = diff.build_attacker(config, seed=seed)
+    centres = manifest[["py", "px"]].to_numpy()
+    history = diff.fit(model, patches, manifest["label"].tolist(), cfg["steps"],
+                       batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, centres=centres)  # fmt: skip
+    return model, history
+
+
+def scenario_testset(
+    scenario: str,
+    holdout: tuple[np.ndarray, pd.DataFrame],
+    fakes: tuple[np.ndarray, np.ndarray, pd.DataFrame],
+    n_real: int,
+    seed: int,
+):
+    """Holdout reals of the scenario's real label (up to n_real) + the fakes -> one test set."""
+    patches, manifest = holdout
+    attack = "inject" if scenario.endswith("Inject") else "remove"
+    reals = pick_sites(manifest, SITES[attack][1], n_real, seed)
+    return build_testset(scenario, (patches[reals.index.to_numpy()], reals.reset_index(drop=True)), fakes)
+
+
+def hygiene(manifest: pd.DataFrame) -> dict[str, int]:
+    """Patient counts per split and a hard check that attacker/detector/test patients are disjoint."""
+    by = {s: set(manifest.loc[manifest["split"] == s, "patient"]) for s in ("train", "val", "holdout")}
+    check_disjoint(by["train"] | by["val"], by["holdout"])
+    check_disjoint(by["train"], by["val"])
+    return {s: len(p) for s, p in by.items()}
+
+
+def save_json_history(history, path: Path) -> None:
+    """Training history rows as CSV beside the attacker (for the notebook's curves)."""
+    pd.DataFrame(history).to_csv(path, index=False)
