@@ -45,6 +45,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["BTD_ROOT"] = str(work)
+    env["OMP_NUM_THREADS"] = "1"  # tiny models: threads only add overhead (and oversubscribe a busy CPU)
     _run(["git", "init", "-q"], work, env)
     profiles.apply("tiny", work / "params.yaml")
     _run(["dvc", "repro", "--pull"], work, env)
