@@ -29,9 +29,13 @@ def pick_sites(manifest: pd.DataFrame, label: str, n: int, seed: int) -> pd.Data
     rows = manifest[manifest["label"] == label]
     if len(rows) <= n:
         return rows
-    per = rows.groupby("scanner", group_keys=False)
     frac = n / len(rows)
-    return per.apply(lambda g: g.sample(max(1, round(frac * len(g))), random_state=seed)).head(n)
+    rng = np.random.default_rng(seed)
+    keep = [
+        rng.choice(idx, size=max(1, round(frac * len(idx))), replace=False)
+        for idx in rows.groupby("scanner").groups.values()
+    ]
+    return rows.loc[np.sort(np.concatenate(keep))[:n]]
 
 
 def fit_ctgan(scans: list[ScanVolume], role: str, cfg: dict, seed: int) -> tuple[CTGANAttacker, list[dict]]:
