@@ -1,0 +1,14 @@
+"""The paper's eight unsupervised baselines behind one interface (`Baseline`) and one registry."""
+
+from btd.baselines.base import Baseline, check_patches, load_baseline, save_baseline
+from btd.baselines.registry import available_baselines, baseline_class, make_baseline
+
+__all__ = [
+    "Baseline",
+    "available_baselines",
+    "baseline_class",
+    "check_patches",
+    "load_baseline",
+    "make_baseline",
+    "save_baseline",
+]
