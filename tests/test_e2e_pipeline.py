@@ -88,6 +88,28 @@ def test_train_ddpm_outputs_are_sane(tiny_run: Path) -> None:
         assert metrics["steps"] == 20 and metrics["timestep_sampler"] == "low_t"
 
 
+def test_deepfake_score_and_result_outputs_are_sane(tiny_run: Path) -> None:
+    from btd.attacks.testsets import SCENARIOS, load_testset
+
+    for scenario in SCENARIOS:
+        images, masks, meta = load_testset(tiny_run / "data/deepfakes" / scenario)
+        assert set(meta["fake"]) == {0, 1} and len(images) == len(meta) == len(masks)
+        assert (masks[meta["fake"].to_numpy() == 1].reshape((meta["fake"] == 1).sum(), -1).sum(1) > 0).all()
+    scores = pd.read_csv(tiny_run / "results/scores.csv")
+    assert set(scores["scenario"]) == set(SCENARIOS)
+    assert {"BTD", "AE", "OOD DDPM", "SpliceBuster"} <= set(scores["method"])
+    assert np.isfinite(scores["score"]).all()
+    evaluate = json.loads((tiny_run / "metrics/evaluate.json").read_text())
+    for scenario in SCENARIOS:
+        assert 0.0 <= evaluate[scenario]["BTD"]["auc"] <= 1.0
+    roc = list((tiny_run / "metrics/roc").glob("*.csv"))
+    assert len(roc) == len(SCENARIOS)
+    ablations = json.loads((tiny_run / "metrics/ablations.json").read_text())
+    assert {"B-1", "F&B-1", "B-3", "F&B-3"} <= set(ablations["table3"]["DIFF-MRI-Inject"])
+    explain = json.loads((tiny_run / "metrics/explain.json").read_text())
+    assert {"DIFF-MRI-Inject/BTD", "DIFF-MRI-Inject/F&B-2"} <= set(explain)
+
+
 def test_executed_notebooks_have_outputs_and_no_errors(tiny_run: Path) -> None:
     for nb_path in sorted((tiny_run / "reports").glob("*.ipynb")):
         nb = json.loads(nb_path.read_text())
