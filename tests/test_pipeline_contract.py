@@ -20,9 +20,25 @@ PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 VARS = {k: v for d in DVC.get("vars", []) for k, v in d.items()}
 
 
+def _stages() -> dict[str, dict]:
+    """Every stage, with foreach stages expanded per key (${key} substituted; ${item.x} kept)."""
+    out = {}
+    for name, stage in DVC["stages"].items():
+        if "foreach" not in stage:
+            out[name] = stage
+            continue
+        for key in stage["foreach"]:
+            text = yaml.safe_dump(stage["do"]).replace("${key}", str(key))
+            out[f"{name}@{key}"] = yaml.safe_load(text)
+    return out
+
+
+STAGES = _stages()
+
+
 def _papermill_cmds() -> list[tuple[str, str]]:
     out = []
-    for name, stage in DVC["stages"].items():
+    for name, stage in STAGES.items():
         cmds = stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]]
         out += [(name, c) for c in cmds if c.strip().startswith("papermill")]
     return out
@@ -58,14 +74,14 @@ def test_stage_parameters_exist_in_notebook_and_params(stage: str, cmd: str) -> 
     tokens = shlex.split(expanded)
     src, out = tokens[1], tokens[2]
     assert (ROOT / src).is_file(), f"{stage}: notebook {src} missing"
-    assert out.startswith("reports/") and Path(out).name == Path(src).name
+    assert out.startswith("reports/") and Path(out).stem.startswith(Path(src).stem)
     names = {tokens[i + 1] for i, t in enumerate(tokens) if t in ("-p", "-r")}
     declared = set(papermill.inspect_notebook(str(ROOT / src)))
     assert names <= declared, (
         f"{stage}: -p names not in the parameters cell: {sorted(names - declared)}"
     )
     outs = [
-        next(iter(o)) if isinstance(o, dict) else o for o in DVC["stages"][stage].get("outs", [])
+        next(iter(o)) if isinstance(o, dict) else o for o in STAGES[stage].get("outs", [])
     ]
     assert out in outs, f"{stage}: executed notebook {out} must be a stage output"
 
@@ -73,7 +89,7 @@ def test_stage_parameters_exist_in_notebook_and_params(stage: str, cmd: str) -> 
 def test_every_stage_declares_its_notebook_as_dep() -> None:
     for name, cmd in _papermill_cmds():
         src = shlex.split(re.sub(r"\$\{[^}]+\}", "X", cmd))[1]
-        assert src in DVC["stages"][name]["deps"], name
+        assert src in STAGES[name]["deps"], name
 
 
 @pytest.mark.parametrize("name", profiles.PROFILES)

@@ -72,6 +72,8 @@ def ctgan_fakes(
         tampered, mask = tamper_ct(scan, z, y, x, attacker, rng, attack=attack)
         img, py, px = extract_patch(normalize_ct(tampered[site.slice]), site.cy, site.cx, patch_size)
         m, _, _ = extract_patch(mask[site.slice].astype(np.uint8), site.cy, site.cx, patch_size)
+        if not m.any():  # the edit left this slice's patch untouched: not a fake sample
+            continue
         images.append(img)
         masks.append(m)
         row = {c: getattr(site, c) for c in SITE_COLUMNS}

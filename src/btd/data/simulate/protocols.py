@@ -32,9 +32,13 @@ class CTScanner:
 
     def __post_init__(self) -> None:
         if self.kernel not in CT_KERNELS:
-            raise BTDConfigError(f"{self.name}.kernel", f"'{self.kernel}' is not one of {CT_KERNELS}")
+            raise BTDConfigError(
+                f"{self.name}.kernel", f"'{self.kernel}' is not one of {CT_KERNELS}"
+            )
         if self.geometry not in ("parallel", "fan"):
-            raise BTDConfigError(f"{self.name}.geometry", f"'{self.geometry}' is not parallel or fan")
+            raise BTDConfigError(
+                f"{self.name}.geometry", f"'{self.geometry}' is not parallel or fan"
+            )
         if self.dose_photons <= 0 or self.n_views < 8:
             raise BTDConfigError(f"{self.name}", "dose_photons must be > 0 and n_views >= 8")
 
@@ -57,7 +61,9 @@ class MRIScanner:
 
     def __post_init__(self) -> None:
         if self.filter not in MRI_FILTERS:
-            raise BTDConfigError(f"{self.name}.filter", f"'{self.filter}' is not one of {MRI_FILTERS}")
+            raise BTDConfigError(
+                f"{self.name}.filter", f"'{self.filter}' is not one of {MRI_FILTERS}"
+            )
         if not 0.5 < self.partial_fourier <= 1.0:
             raise BTDConfigError(f"{self.name}.partial_fourier", "must be in (0.5, 1]")
         if self.n_coils < 1 or self.noise_sigma < 0:
@@ -85,7 +91,9 @@ def load_protocols(path: str | Path, modality: str) -> dict[str, CTScanner | MRI
         missing = names - set(spec or {})
         extra = set(spec or {}) - names
         if missing or extra:
-            raise BTDInputError(path, f"scanner '{name}': missing {sorted(missing)} / unknown {sorted(extra)}")
+            raise BTDInputError(
+                path, f"scanner '{name}': missing {sorted(missing)} / unknown {sorted(extra)}"
+            )
         out[name] = cls(name=name, **spec)
     return out
 
