@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,12 @@ import pytest
 from btd.data.records import ScanVolume, Tumour
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A fresh clone has no data/raw (it is DVC-tracked): pull it from the bundled store, offline."""
+    if not (ROOT / "data/raw/virtual_scanners").is_dir():
+        subprocess.run([sys.executable, "-m", "dvc", "pull", "-q", "data.dvc"], cwd=ROOT, check=True)
 
 
 @pytest.fixture
