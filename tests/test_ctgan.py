@@ -1,4 +1,4 @@
-"""CT-GAN port: cube geometry, histogram equalisation, training, persistence and the tamper's footprint."""
+"""CT-GAN port: cube geometry, equalisation, training, persistence and the tamper's footprint."""
 
 from __future__ import annotations
 
@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from btd.attacks.ctgan import CTGANAttacker, HistogramEqualizer, mask_bounds, tamper_ct
+from btd.attacks.ctgan import (
+    CTGANAttacker,
+    HistogramEqualizer,
+    mask_bounds,
+    removal_cube_mm,
+    tamper_ct,
+)
 from btd.attacks.cubes import (
     cube_coordinates,
     cut_cube,
     healthy_centres,
+    local_mean_hu,
     paste_cube,
     select_patients,
     training_cubes,
@@ -55,7 +62,7 @@ def cohort() -> list[ScanVolume]:
 
 
 def sphere_cubes(n: int, size: int, bright: bool, seed: int) -> np.ndarray:
-    """Tiny synthetic training cubes: lung beside a chest wall, with (bright) or without a nodule."""
+    """Tiny synthetic training cubes: lung beside a chest wall, with (bright) or without nodule."""
     rng = np.random.default_rng(seed)
     g = np.arange(size) - (size - 1) / 2
     zz, yy, xx = np.meshgrid(g, g, g, indexing="ij")
@@ -148,6 +155,23 @@ def test_training_cubes_are_centred_on_tumours_or_healthy(cohort):
         training_cubes(cohort, "swap", rng, **CUBE)
 
 
+def test_injector_sites_can_skip_small_tumours(cohort):
+    rng = np.random.default_rng(0)
+    big = training_cubes(
+        cohort, "inject", rng, margin_vox=0, per_site=1, min_diameter_mm=11.0, **CUBE
+    )
+    assert len(big) == 2  # the 12 and 14 mm nodules, not the 10 mm one
+    with pytest.raises(BTDInputError, match="no inject training sites"):
+        training_cubes(cohort, "inject", rng, per_site=1, min_diameter_mm=50.0, **CUBE)
+
+
+def test_local_mean_hu_tells_lung_from_tissue(cohort):
+    scan = cohort[0]
+    assert local_mean_hu(scan.volume, SPACING, (7.0, 32.0, 27.0)) < -700  # lung, away from nodule
+    assert local_mean_hu(scan.volume, SPACING, (7.0, 32.0, 18.0)) > -100  # on the nodule
+    assert local_mean_hu(scan.volume, SPACING, (7.0, 2.0, 32.0), radius_mm=2.5) > -100  # body wall
+
+
 def test_select_patients_keeps_holdout_out(cohort):
     split_of = {"p0": "train", "p1": "holdout", "p2": "val"}
     assert [s.patient for s in select_patients(cohort, split_of)] == ["p0", "p2"]
@@ -195,7 +219,7 @@ def test_losses_drop_on_tiny_cubes(role):
     assert len(hist) == 40 and set(hist[0]) >= {"step", "d_loss", "g_loss", "l1"}
     l1 = np.array([h["l1"] for h in hist])
     g = np.array([h["g_loss"] for h in hist])
-    assert l1[-10:].mean() < 0.8 * l1[:10].mean()
+    assert l1[-10:].mean() < 0.5 * l1[:10].mean()
     assert g[-10:].mean() < g[:10].mean()
     assert all(np.isfinite(h["d_loss"]) for h in hist)
 
@@ -280,6 +304,18 @@ def test_tamper_touches_only_the_blend_region(trained, cohort, attack):
     assert mask.sum() > 50 and not mask[outside].any()
     if attack == "inject":
         assert np.all(out >= scan.volume)  # CT-GAN's injection can only add density
+
+
+def test_zoomed_cube_for_large_tumours(trained, cohort):
+    assert trained.mask_mm == pytest.approx(20.0)
+    assert removal_cube_mm(8.0, trained) == 32.0  # fits CT-GAN's 20 mm centre: unchanged
+    assert removal_cube_mm(26.0, trained) == pytest.approx(30.0 / 20.0 * 32.0)
+    scan = cohort[2]
+    t = scan.tumours[0]
+    out, mask = tamper_ct(scan, t.z, t.y, t.x, trained, np.random.default_rng(0), cube_mm=40.0)
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in out.shape], indexing="ij")
+    r = np.sqrt(((zz - t.z) * 2.0) ** 2 + ((yy - t.y) * 1.5) ** 2 + ((xx - t.x) * 1.5) ** 2)
+    assert mask.any() and not mask[r >= 15.0 * 40.0 / 32.0].any()  # blend radii scale with the cube
 
 
 def test_removal_with_a_healthy_cube_erases_the_nodule(cohort):

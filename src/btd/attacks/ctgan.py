@@ -11,16 +11,20 @@ healthy tissue. Facts follow the Keras reference (reference/attacks_baselines.md
   full tanh range is used here). Each model keeps its own equaliser.
 - input: the cube with its centre zeroed (6:26 of 32 on every axis; scaled for other sizes).
 - generator: 3-D U-Net, down = Conv3d(k4, s2) -> LeakyReLU(0.2) -> BN (none on the first), up =
-  Upsample(2) -> Conv3d(k4, s1) -> ReLU -> Dropout(0.5) -> BN -> concat(skip), tanh output; filters
+  Upsample(2) -> Conv3d(k4, s1) -> ReLU -> Dropout -> BN -> concat(skip), tanh output; filters
   gf, 2gf, 4gf, 8gf, 8gf. Keras BN (momentum 0.8, eps 1e-3) -> PyTorch momentum 0.2.
 - discriminator: 3-D PatchGAN on concat(cube, masked cube), 4 x [Conv3d(k4, s2) -> LeakyReLU -> BN]
   then Conv3d(1, k4, s1), no sigmoid.
 - loss: least squares GAN (MSE) + 100 x L1 over the whole cube; Adam(2e-4, beta1 0.5) for G.
-  CT-GAN compiles D with lr 1e-6 (likely a slip); D's lr is a parameter here (`d_lr`, default 2e-5).
 - augmentation: in-plane flips and 90 degree rotations, small random shifts (CT-GAN: flips, +-4 px
   shifts and 6-degree rotations, precomputed).
-Deviations for speed: base filters `base_filters` (CT-GAN: 100, the `paper` setting) and a smaller
-cube for the tiny profile; one D step on (real + fake)/2 per iteration instead of two Keras calls.
+
+Deviations, all parameters (`PAPER_SETTINGS` holds CT-GAN's values): the CPU defaults train a few
+hundred steps instead of ~40k, so `base_filters` is 8 (CT-GAN: 100), dropout is 0 (CT-GAN: 0.5 in
+every up block; it slowed learning the centre markedly at this budget) and D's lr is 2e-5 (CT-GAN
+compiles D with 1e-6, likely a slip; with 1e-6 D barely learns). One D step on (real + fake) / 2
+per iteration instead of two Keras calls. `centre_weight` > 1 would up-weight the in-painted centre
+in the L1 (default 1 = CT-GAN). Channels-last memory layout: about 2x faster 3-D convs on CPU.
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ from btd.errors import BTDConfigError, BTDInputError
 
 FORMAT = "btd-ctgan-v1"
 PAPER_BASE_FILTERS = 100  # CT-GAN's gf = df = 100
+# CT-GAN's own training settings (Keras reference): fit(batch_size=32) for 200 epochs of its
+# ~67x augmented set. For the `paper` profile on a GPU.
+PAPER_SETTINGS: dict[str, Any] = {
+    "base_filters": PAPER_BASE_FILTERS, "dropout": 0.5, "g_lr": 2e-4, "d_lr": 1e-6,
+    "beta1": 0.5, "l1_weight": 100.0, "centre_weight": 1.0, "batch_size": 32,
+}  # fmt: skip
 _BN = {"momentum": 0.2, "eps": 1e-3}  # Keras BatchNormalization(momentum=0.8), epsilon 1e-3
 
 
@@ -146,7 +156,7 @@ class _Up(nn.Module):
 class UNetGenerator3D(nn.Module):
     """CT-GAN's U-Net: log2(cube) stride-2 downs to a 1^3 bottleneck, mirrored ups with skips."""
 
-    def __init__(self, cube_vox: int = 32, base_filters: int = 8, dropout: float = 0.5):
+    def __init__(self, cube_vox: int = 32, base_filters: int = 8, dropout: float = 0.0):
         super().__init__()
         depth = int(math.log2(cube_vox))
         chans = [_filters(base_filters, i) for i in range(depth)]
@@ -175,7 +185,7 @@ class UNetGenerator3D(nn.Module):
 
 
 class PatchDiscriminator3D(nn.Module):
-    """CT-GAN's 3-D PatchGAN on (cube, masked cube); 4 stride-2 levels at 32^3 (fewer if smaller)."""
+    """CT-GAN's 3-D PatchGAN on (cube, masked cube); 4 stride-2 levels at 32^3 (fewer below)."""
 
     def __init__(self, cube_vox: int = 32, base_filters: int = 8):
         super().__init__()
@@ -222,7 +232,7 @@ def augment_batch(
 
 
 class CTGANAttacker:
-    """One CT-GAN model (injector or remover) with its own equaliser; train, in-paint, save, load."""
+    """One CT-GAN model (injector or remover) with its own equaliser: train, in-paint, save."""
 
     def __init__(
         self,
@@ -235,7 +245,7 @@ class CTGANAttacker:
         beta1: float = 0.5,
         l1_weight: float = 100.0,
         centre_weight: float = 1.0,
-        dropout: float = 0.5,
+        dropout: float = 0.0,
         seed: int = 0,
         device: str | torch.device = "cpu",
     ):
@@ -257,8 +267,8 @@ class CTGANAttacker:
         self.config: dict[str, Any] = {
             "role": role, "cube_vox": int(cube_vox), "cube_mm": float(cube_mm),
             "base_filters": int(base_filters), "g_lr": float(g_lr), "d_lr": float(d_lr),
-            "beta1": float(beta1), "l1_weight": float(l1_weight), "centre_weight": float(centre_weight), "dropout": float(dropout),
-            "seed": int(seed),
+            "beta1": float(beta1), "l1_weight": float(l1_weight),
+            "centre_weight": float(centre_weight), "dropout": float(dropout), "seed": int(seed),
         }  # fmt: skip
         self.device = torch.device(device)
         self.equalizer = HistogramEqualizer()
@@ -473,6 +483,7 @@ def tamper_ct(
     noise: str = "copy",
     inner_mm: float | None = None,
     outer_mm: float | None = None,
+    cube_mm: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Inject (at a healthy site) or remove (at a tumour) with CT-GAN: (tampered int16 HU, mask).
 
@@ -480,20 +491,36 @@ def tamper_ct(
     touch-up and spherical alpha blending (btd.attacks.postprocess). `attack` defaults to the
     attacker's role. Blend radii default to half the in-painted edge (10 mm) and 15 mm (inside the
     32 mm cube). The mask marks every voxel whose value changed; all others are bit-identical.
+
+    `cube_mm` (default: the attacker's, 32 mm) cuts a larger cube at the same voxel count, i.e. the
+    site is shown to the model zoomed out, and scales the default blend radii with it. CT-GAN's
+    20 mm in-painted centre cannot hide a tumour wider than that; `removal_cube_mm` picks a cube
+    that fits a given tumour (a deviation from CT-GAN, which only ever used 32 mm). An injected
+    nodule only shows in aerated lung: pick injection sites with
+    `btd.attacks.cubes.local_mean_hu` between about -950 and -600 HU (not airway, not tissue).
     """
     if scan.modality != "ct":
         raise BTDInputError(scan.patient, f"CT-GAN tampers CT scans, got {scan.modality}")
     attack = attacker.role if attack is None else attack
-    step = attacker.cube_mm / attacker.cube_vox
-    outer = min(15.0, (attacker.cube_vox - 1) / 2.0 * step) if outer_mm is None else float(outer_mm)
-    inner = min(attacker.mask_mm / 2.0, 0.7 * outer) if inner_mm is None else float(inner_mm)
+    cube = attacker.cube_mm if cube_mm is None else float(cube_mm)
+    zoom = cube / attacker.cube_mm
+    half = (attacker.cube_vox - 1) / 2.0 * cube / attacker.cube_vox
+    outer = min(15.0 * zoom, half) if outer_mm is None else float(outer_mm)
+    inner = min(attacker.mask_mm / 2.0 * zoom, 0.7 * outer) if inner_mm is None else float(inner_mm)
     centre = (float(z), float(y), float(x))
-    clean = cut_cube(
-        scan.volume, scan.spacing, centre, attacker.cube_mm, attacker.cube_vox, scan.patient
-    )
+    clean = cut_cube(scan.volume, scan.spacing, centre, cube, attacker.cube_vox, scan.patient)
     generated = fix_hu(attacker.inpaint(clean))
     avoid = [(t.y, t.x) for t in scan.tumours]
     return paste_back(
         scan.volume, scan.spacing, centre, generated, attack, rng,
-        cube_mm=attacker.cube_mm, inner_mm=inner, outer_mm=outer, noise=noise, avoid=avoid,
+        cube_mm=cube, inner_mm=inner, outer_mm=outer, noise=noise, avoid=avoid,
     )  # fmt: skip
+
+
+def removal_cube_mm(diameter_mm: float, attacker: CTGANAttacker, margin_mm: float = 4.0) -> float:
+    """The cube size (mm) whose in-painted centre covers a tumour of `diameter_mm` plus a margin.
+
+    Never smaller than the attacker's own cube: tumours that fit are handled exactly as CT-GAN does.
+    """
+    need = (float(diameter_mm) + margin_mm) / attacker.mask_mm * attacker.cube_mm
+    return max(attacker.cube_mm, need)

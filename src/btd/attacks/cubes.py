@@ -1,4 +1,4 @@
-"""CT cubes for CT-GAN: cut an isotropic cube around a site, paste an edited one back, sample training sites.
+"""CT cubes for CT-GAN: cut an isotropic cube at a site, paste an edited one back, training sites.
 
 CT-GAN (Mirsky et al. 2019) works on 32 mm cubes resampled to 1 mm voxels, whatever the scan's own
 spacing, so one model serves every scanner. A cube is defined in millimetres around a centre given
@@ -25,7 +25,7 @@ ROLES = ("inject", "remove")
 
 
 def check_cube_geometry(cube_mm: float, cube_vox: int, power_of_two: bool = True) -> float:
-    """Validate the cube size and return its voxel step in mm (the networks need 2^k >= 8 voxels)."""
+    """Validate the cube size and return its voxel step in mm (the networks need 2^k >= 8)."""
     if not cube_mm > 0:
         raise BTDConfigError("ctgan.cube_mm", f"must be > 0, got {cube_mm}")
     if not isinstance(cube_vox, int | np.integer) or cube_vox < 2:
@@ -66,7 +66,7 @@ def cut_cube(
     cube_vox: int = 32,
     source: str = "volume",
 ) -> np.ndarray:
-    """The isotropic cube (cube_vox^3, float32 HU) of side cube_mm centred on `centre` (scan voxels)."""
+    """The isotropic cube (cube_vox^3, float32 HU) of side cube_mm centred on `centre` (voxels)."""
     _check_site(volume, spacing, centre, source)
     coords = cube_coordinates(centre, spacing, cube_mm, cube_vox)
     out = ndimage.map_coordinates(volume.astype(np.float32), coords, order=1, mode="nearest")
@@ -76,7 +76,7 @@ def cut_cube(
 def scan_box(
     shape: Sequence[int], spacing: Sequence[float], centre: Centre, half_mm: float
 ) -> tuple[Box, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Scan voxels within `half_mm` of the centre on every axis, and their mm offsets (broadcastable)."""
+    """Scan voxels within `half_mm` of the centre on each axis, and their mm offsets."""
     box, offs = [], []
     for c, s, n in zip(centre, spacing, shape, strict=True):
         lo = max(0, int(np.ceil(c - half_mm / s - 1e-9)))
@@ -96,7 +96,8 @@ def cube_to_scan(
 ) -> tuple[Box, np.ndarray, np.ndarray]:
     """Resample a cube onto the scan's voxel grid: (box, values float32, covered bool) over the box.
 
-    `covered` marks scan voxels whose centre lies inside the cube's sampled extent (no extrapolation).
+    `covered` marks scan voxels whose centre lies inside the cube's sampled extent (no
+    extrapolation).
     """
     n = cube.shape[0]
     if cube.ndim != 3 or len(set(cube.shape)) != 1:
@@ -137,6 +138,23 @@ def paste_cube(
     return out
 
 
+def local_mean_hu(
+    volume: np.ndarray, spacing: Sequence[float], centre: Centre, radius_mm: float = 4.0
+) -> float:
+    """Mean HU within `radius_mm` of a site: tells lung (about -850) from soft tissue or wall.
+
+    An injected nodule is only visible in aerated lung, so injection sites can be filtered on it.
+    """
+    _check_site(volume, spacing, centre, "volume")
+    box, (dz, dy, dx) = scan_box(volume.shape, spacing, centre, radius_mm)
+    inside = dz**2 + dy**2 + dx**2 <= radius_mm**2
+    region = volume[box].astype(np.float64)
+    values = region[np.broadcast_to(inside, region.shape)]
+    if values.size == 0:  # radius below the voxel size: the nearest voxel
+        return float(volume[tuple(int(round(c)) for c in centre)])
+    return float(values.mean())
+
+
 # ---------------------------------------------------------------------------------------------
 # Training sites and cubes
 # ---------------------------------------------------------------------------------------------
@@ -152,9 +170,16 @@ def select_patients(
     return [s for s in scans if split_of[s.patient] in splits]
 
 
-def tumour_centres(scans: list[ScanVolume]) -> list[tuple[int, Centre]]:
-    """(scan index, (z, y, x)) of every annotated tumour: where the injector learns."""
-    return [(i, (t.z, t.y, t.x)) for i, s in enumerate(scans) for t in s.tumours]
+def tumour_centres(
+    scans: list[ScanVolume], min_diameter_mm: float = 0.0
+) -> list[tuple[int, Centre]]:
+    """(scan index, (z, y, x)) of the annotated tumours at least `min_diameter_mm` wide."""
+    return [
+        (i, (t.z, t.y, t.x))
+        for i, s in enumerate(scans)
+        for t in s.tumours
+        if t.diameter_mm >= min_diameter_mm
+    ]
 
 
 def healthy_centres(
@@ -164,7 +189,7 @@ def healthy_centres(
     margin_mm: float = 20.0,
     pool_scans: list[ScanVolume] | None = None,
 ) -> list[tuple[int, Centre]]:
-    """Healthy sites: (y, x) from other patients' tumour locations, any slice, away from own tumours.
+    """Healthy sites: (y, x) of other patients' tumours, any slice, away from own tumours.
 
     As for the TB patches, the pool of tumour locations makes the healthy sites plausible tumour
     sites (inside the lungs); `margin_mm` keeps them clear of the patient's real tumours.
@@ -202,13 +227,16 @@ def training_cubes(
     jitter_mm: float = 1.5,
     healthy_per_scan: int = 8,
     margin_mm: float = 20.0,
+    min_diameter_mm: float = 0.0,
 ) -> np.ndarray:
     """HU cubes (N, m, m, m), m = cube_vox + 2 margin_vox, for the injector or the remover.
 
     `scans` must be the train/val patients only. Injector: cubes centred on real tumours; remover:
-    cubes at healthy sites. Each site is cut `per_site` times, all but the first with a random centre
-    jitter of up to `jitter_mm` per axis (sub-voxel resampling = new samples); the margin lets
-    training crop random small shifts on top.
+    cubes at healthy sites. Each site is cut `per_site` times, all but the first with a random
+    centre jitter of up to `jitter_mm` per axis (sub-voxel resampling = new samples); the margin
+    lets training crop random small shifts on top. `min_diameter_mm` keeps the injector to tumours
+    at least that wide (what it learns to inject; sub-centimetre nodules blurred by thick slices
+    otherwise pull its output towards a faint blob).
     """
     if role not in ROLES:
         raise BTDConfigError("ctgan.role", f"must be one of {ROLES}, got '{role}'")
@@ -221,7 +249,7 @@ def training_cubes(
     step = check_cube_geometry(cube_mm, cube_vox)
     m = cube_vox + 2 * margin_vox
     if role == "inject":
-        sites = tumour_centres(scans)
+        sites = tumour_centres(scans, min_diameter_mm)
     else:
         sites = healthy_centres(scans, healthy_per_scan, rng, margin_mm)
     if not sites:

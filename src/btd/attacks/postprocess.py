@@ -1,10 +1,10 @@
-"""CT-GAN's paste-back: HU fix-up, noise touch-up and alpha blending of a generated cube into a scan.
+"""CT-GAN's paste-back: HU fix-up, noise touch-up and alpha blending of a generated cube.
 
 Follows `attack_pipeline.py :: scan_manipulator.tamper` of the CT-GAN reference (see
 reference/attacks_baselines.md, section 1.5), with one deliberate change the BTD tests rely on: the
-blend weight is a smooth *spherical* mask in mm (1 inside `inner_mm`, raised-cosine fall-off, exactly
-0 from `outer_mm` on) instead of CT-GAN's xy-only Gaussian over a 1.3x larger cube, so every voxel
-outside the blend sphere is bit-identical to the original scan.
+blend weight is a smooth *spherical* mask in mm (1 inside `inner_mm`, raised-cosine fall-off,
+exactly 0 from `outer_mm` on) instead of CT-GAN's xy-only Gaussian over a 1.3x larger cube, so
+every voxel outside the blend sphere is bit-identical to the original scan.
 
 - injection (CT-GAN): factor = alpha * sigmoid((gen + 700) / 70) -- only dense generated voxels are
   blended in -- and the result is max(blend, original): an injection can only add density.
@@ -33,7 +33,7 @@ _HIGHPASS_SIGMA_MM = 3.0  # in-plane smoothing that separates noise from anatomy
 
 
 def fix_hu(cube: np.ndarray) -> np.ndarray:
-    """CT-GAN's artefact fix: voxels > 2000 HU take their 5^3 neighbourhood mean, < -1000 become -1000."""
+    """CT-GAN's artefact fix: > 2000 HU takes the 5^3 neighbourhood mean, < -1000 becomes -1000."""
     out = np.asarray(cube, dtype=np.float32).copy()
     hot = out > 2000
     if hot.any():
@@ -58,7 +58,7 @@ def spherical_alpha(
 
 
 def highpass(region: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """In-plane high-pass residual (noise + fine texture); slices are reconstructed independently."""
+    """In-plane high-pass residual (noise + fine texture): CT slices are reconstructed singly."""
     sig = (0.0, _HIGHPASS_SIGMA_MM / spacing[1], _HIGHPASS_SIGMA_MM / spacing[2])
     region = region.astype(np.float32)
     return region - ndimage.gaussian_filter(region, sig, mode="nearest")
@@ -159,7 +159,7 @@ def blend(
     attack: str,
     noise: np.ndarray | None = None,
 ) -> np.ndarray:
-    """CT-GAN's blending of the generated (+ noise touch-up) values into the original ones (float HU).
+    """CT-GAN's blending of the generated (+ noise touch-up) values into the original (float HU).
 
     For injection the density factor is computed on the generated values before the noise, as in
     CT-GAN, so the noise cannot switch voxels on.
@@ -188,7 +188,7 @@ def paste_back(
     noise: str = "copy",
     avoid: list[tuple[float, float]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Paste a generated HU cube into an int16 CT volume: (tampered int16 volume, changed-voxel mask).
+    """Paste a generated HU cube into an int16 CT volume: (tampered volume, changed-voxel mask).
 
     Only voxels within `outer_mm` of the centre can change; everything else is copied bit for bit.
     `avoid` lists (y, x) voxels (e.g. real tumours) the copied noise must not come from.

@@ -13,7 +13,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from btd.attacks import inpaint_ddpm as diff
-from btd.attacks.ctgan import CTGANAttacker, tamper_ct
+from btd.attacks.ctgan import CTGANAttacker, removal_cube_mm, tamper_ct
 from btd.attacks.cubes import training_cubes
 from btd.attacks.testsets import SITE_COLUMNS, build_testset, check_disjoint
 from btd.data.patches import extract_patch
@@ -41,7 +41,11 @@ def pick_sites(manifest: pd.DataFrame, label: str, n: int, seed: int) -> pd.Data
 def fit_ctgan(scans: list[ScanVolume], role: str, cfg: dict, seed: int) -> tuple[CTGANAttacker, list[dict]]:
     """Train CT-GAN's injector (on tumour cubes) or remover (on healthy cubes) of the attacker's scans."""
     rng = np.random.default_rng(seed)
-    cubes = training_cubes(scans, role, rng, cube_mm=cfg["cube_mm"], cube_vox=cfg["cube_vox"])
+    # the injector learns from tumours >= 10 mm: smaller ones, blurred by thick slices, teach it a faint blob
+    min_d = 10.0 if role == "inject" else 0.0
+    cubes = training_cubes(
+        scans, role, rng, cube_mm=cfg["cube_mm"], cube_vox=cfg["cube_vox"], min_diameter_mm=min_d
+    )
     gan = CTGANAttacker(role, cube_vox=cfg["cube_vox"], cube_mm=cfg["cube_mm"],
                         base_filters=cfg["base_filters"], seed=seed)  # fmt: skip
     history = gan.fit(cubes, steps=cfg["steps"], batch_size=cfg["batch_size"])
@@ -66,10 +70,12 @@ def ctgan_fakes(
     for site in tqdm(sites.itertuples(), total=len(sites), desc=f"CT-GAN {attack}", leave=False):
         scan = scans[site.patient]
         z, y, x = float(site.slice), float(site.cy), float(site.cx)
-        if attack == "remove":
+        cube_mm = None
+        if attack == "remove":  # a cube that covers the whole tumour (CT-GAN's 20 mm centre hides <= 16 mm)
             t = min(scan.tumours, key=lambda t: (t.z - z) ** 2 + (t.y - y) ** 2 + (t.x - x) ** 2)
             z, y, x = t.z, t.y, t.x
-        tampered, mask = tamper_ct(scan, z, y, x, attacker, rng, attack=attack)
+            cube_mm = removal_cube_mm(t.diameter_mm, attacker)
+        tampered, mask = tamper_ct(scan, z, y, x, attacker, rng, attack=attack, cube_mm=cube_mm)
         img, py, px = extract_patch(normalize_ct(tampered[site.slice]), site.cy, site.cx, patch_size)
         m, _, _ = extract_patch(mask[site.slice].astype(np.uint8), site.cy, site.cx, patch_size)
         if not m.any():  # the edit left this slice's patch untouched: not a fake sample
