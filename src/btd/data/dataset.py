@@ -99,13 +99,22 @@ def load_patch_dataset(
             raise BTDInputError(p, "missing; run the preprocess stage (dvc repro preprocess) first")
     try:
         patches = np.load(ppath, mmap_mode="r")
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise BTDInputError(ppath, f"not a readable .npy array ({exc})") from None
-    manifest = pd.read_csv(mpath)
+    try:
+        manifest = pd.read_csv(mpath)
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise BTDInputError(mpath, f"not a readable CSV ({exc})") from None
     if len(manifest) != len(patches) or patches.ndim != 4:
         raise BTDInputError(
             mpath, f"{len(manifest)} manifest rows for patches of shape {patches.shape}"
         )
+    for column in ("index", "split"):
+        if column not in manifest.columns:
+            raise BTDInputError(mpath, f"missing column '{column}'")
+    index = manifest["index"].to_numpy()
+    if len(index) and (index.min() < 0 or index.max() >= len(patches)):
+        raise BTDInputError(mpath, f"index column points outside patches.npy (N={len(patches)})")
     if split is not None:
         manifest = manifest[manifest["split"] == split]
     return np.ascontiguousarray(patches[manifest["index"].to_numpy()]), manifest.reset_index(

@@ -461,38 +461,24 @@ SPLITS = ("train", "val", "holdout")
 
 
 def load_split(processed_dir: str | Path, split: str) -> tuple[np.ndarray, pd.DataFrame]:
-    """Patches and manifest rows of one split from `<processed_dir>/patches.npy` + `manifest.csv`.
+    """Patches and manifest rows of one split (see `btd.data.dataset.load_patch_dataset`).
 
-    Returns `(patches (n, 1, P, P) float32 in [0, 1], manifest rows reset to 0..n-1)`, where row i
-    of the manifest describes patch i.
+    Adds what training needs on top: a known split name, the manifest columns, finite float32 values.
     """
+    from btd.data.dataset import load_patch_dataset
+
     if split not in SPLITS:
         raise BTDConfigError("split", f"unknown split {split!r}; use one of {SPLITS}")
-    processed_dir = Path(processed_dir)
-    patches_path, manifest_path = processed_dir / "patches.npy", processed_dir / "manifest.csv"
-    for p in (patches_path, manifest_path):
-        if not p.is_file():
-            raise BTDInputError(p, "file not found (run the preprocess stage first)")
-    try:
-        patches = np.load(patches_path, mmap_mode="r")
-    except (ValueError, OSError) as exc:
-        raise BTDInputError(patches_path, f"not a readable .npy array: {exc}") from None
-    try:
-        manifest = pd.read_csv(manifest_path)
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
-        raise BTDInputError(manifest_path, f"not a readable CSV: {exc}") from None
-    missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
+    manifest_path = Path(processed_dir) / "manifest.csv"
+    out, rows = load_patch_dataset(processed_dir, split)
+    missing = [c for c in MANIFEST_COLUMNS if c not in rows.columns]
     if missing:
         raise BTDInputError(manifest_path, f"missing columns {missing}")
-    if patches.ndim != 4 or patches.shape[1] != 1:
-        raise BTDInputError(patches_path, f"expected shape (N, 1, P, P), got {patches.shape}")
-    rows = manifest[manifest["split"] == split].reset_index(drop=True)
-    index = rows["index"].to_numpy()
-    if len(index) and (index.min() < 0 or index.max() >= len(patches)):
-        raise BTDInputError(
-            manifest_path, f"index column points outside patches.npy (N={len(patches)})"
-        )
-    out = np.ascontiguousarray(patches[index], dtype=np.float32)
+    if out.shape[1:2] != (1,):
+        raise BTDInputError(manifest_path, f"expected patches (N, 1, P, P), got {out.shape}")
+    out = out.astype(np.float32, copy=False)
     if out.size and not math.isfinite(float(out.sum())):
-        raise BTDInputError(patches_path, "patches contain NaN or infinite values")
+        raise BTDInputError(
+            Path(processed_dir) / "patches.npy", "patches contain NaN or infinite values"
+        )
     return out, rows
