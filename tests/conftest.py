@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def pytest_configure(config: pytest.Config) -> None:
     """A fresh clone has no data/raw (it is DVC-tracked): pull it from the bundled store, offline."""
     if not (ROOT / "data/raw/virtual_scanners").is_dir():
-        subprocess.run([sys.executable, "-m", "dvc", "pull", "-q", "data.dvc"], cwd=ROOT, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "pull", "-q", "data.dvc"], cwd=ROOT, check=True
+        )
 
 
 @pytest.fixture

@@ -172,6 +172,28 @@ def test_local_mean_hu_tells_lung_from_tissue(cohort):
     assert local_mean_hu(scan.volume, SPACING, (7.0, 2.0, 32.0), radius_mm=2.5) > -100  # body wall
 
 
+def test_aerated_sites_keeps_lung_sites_only(cohort):
+    import pandas as pd
+
+    from btd.pipeline.deepfakes import aerated_sites
+
+    scans = {s.patient: s for s in cohort}
+    rows = pd.DataFrame(
+        {"patient": ["p0", "p0", "p0", "p1"], "slice": [7, 7, 7, 6],
+         "cy": [32, 32, 2, 28], "cx": [27, 18, 32, 40]}
+    )  # fmt: skip
+    kept = aerated_sites(rows, scans, radius_mm=2.5)
+    assert kept.index.tolist() == [
+        0,
+        3,
+    ]  # lung sites; the nodule (1) and the body wall (2) are dropped
+    wall_only = rows.iloc[[1, 2]]
+    assert aerated_sites(wall_only, scans, radius_mm=2.5).index.tolist() == [
+        1,
+        2,
+    ]  # fallback: keep all
+
+
 def test_select_patients_keeps_holdout_out(cohort):
     split_of = {"p0": "train", "p1": "holdout", "p2": "val"}
     assert [s.patient for s in select_patients(cohort, split_of)] == ["p0", "p2"]

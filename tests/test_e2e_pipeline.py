@@ -45,7 +45,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["BTD_ROOT"] = str(work)
-    env["OMP_NUM_THREADS"] = "1"  # tiny models: threads only add overhead (and oversubscribe a busy CPU)
+    env["OMP_NUM_THREADS"] = (
+        "1"  # tiny models: threads only add overhead (and oversubscribe a busy CPU)
+    )
     _run(["git", "init", "-q"], work, env)
     profiles.apply("tiny", work / "params.yaml")
     _run(["dvc", "repro", "--pull"], work, env)
@@ -94,7 +96,9 @@ def test_deepfake_score_and_result_outputs_are_sane(tiny_run: Path) -> None:
     for scenario in SCENARIOS:
         images, masks, meta = load_testset(tiny_run / "data/deepfakes" / scenario)
         assert set(meta["fake"]) == {0, 1} and len(images) == len(meta) == len(masks)
-        assert (masks[meta["fake"].to_numpy() == 1].reshape((meta["fake"] == 1).sum(), -1).sum(1) > 0).all()
+        assert (
+            masks[meta["fake"].to_numpy() == 1].reshape((meta["fake"] == 1).sum(), -1).sum(1) > 0
+        ).all()
     scores = pd.read_csv(tiny_run / "results/scores.csv")
     assert set(scores["scenario"]) == set(SCENARIOS)
     assert {"BTD", "AE", "OOD DDPM", "SpliceBuster"} <= set(scores["method"])

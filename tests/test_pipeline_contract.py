@@ -80,9 +80,7 @@ def test_stage_parameters_exist_in_notebook_and_params(stage: str, cmd: str) -> 
     assert names <= declared, (
         f"{stage}: -p names not in the parameters cell: {sorted(names - declared)}"
     )
-    outs = [
-        next(iter(o)) if isinstance(o, dict) else o for o in STAGES[stage].get("outs", [])
-    ]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in STAGES[stage].get("outs", [])]
     assert out in outs, f"{stage}: executed notebook {out} must be a stage output"
 
 

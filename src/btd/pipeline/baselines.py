@@ -22,7 +22,9 @@ DISPLAY = {
 def build(name: str, modality: str, ddpm_dir: str | Path, seed: int) -> Baseline:
     """A baseline with its default (CPU-sized) params; OOD-DDPM reuses BTD's trained DDPM."""
     if name == "ood_ddpm":
-        return make_baseline(name, checkpoint=str(Path(ddpm_dir) / modality / "checkpoint.pt"), seed=seed)
+        return make_baseline(
+            name, checkpoint=str(Path(ddpm_dir) / modality / "checkpoint.pt"), seed=seed
+        )
     return make_baseline(name, seed=seed)
 
 
@@ -40,7 +42,9 @@ def fit_all(
         baseline = build(name, modality, ddpm_dir, seed)
         histories[name] = pd.DataFrame(baseline.fit(train_x, val_x, train_m, val_m))
         save_baseline(baseline, Path(out_dir) / modality / f"{name}.pt")
-        times.append({"modality": modality, "baseline": name, "fit_seconds": time.perf_counter() - t0})
+        times.append(
+            {"modality": modality, "baseline": name, "fit_seconds": time.perf_counter() - t0}
+        )
     return histories, pd.DataFrame(times)
 
 

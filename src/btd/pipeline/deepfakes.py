@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from btd.attacks import inpaint_ddpm as diff
 from btd.attacks.ctgan import CTGANAttacker, removal_cube_mm, tamper_ct
-from btd.attacks.cubes import training_cubes
+from btd.attacks.cubes import local_mean_hu, training_cubes
 from btd.attacks.testsets import SITE_COLUMNS, build_testset, check_disjoint
 from btd.data.patches import extract_patch
 from btd.data.preprocess import normalize_ct
@@ -38,7 +38,32 @@ def pick_sites(manifest: pd.DataFrame, label: str, n: int, seed: int) -> pd.Data
     return rows.loc[np.sort(np.concatenate(keep))[:n]]
 
 
-def fit_ctgan(scans: list[ScanVolume], role: str, cfg: dict, seed: int) -> tuple[CTGANAttacker, list[dict]]:
+def aerated_sites(
+    manifest: pd.DataFrame,
+    scans: dict[str, ScanVolume],
+    lo_hu: float = -950.0,
+    hi_hu: float = -600.0,
+    radius_mm: float = 4.0,
+) -> pd.DataFrame:
+    """The CT rows whose site lies in aerated lung (local mean HU in (lo_hu, hi_hu)).
+
+    TB sites come from the pool of tumour locations of *other* patients, so some land in the chest wall
+    or mediastinum, where an injected nodule is invisible. CT-GAN's authors injected into lung only.
+    Falls back to all rows if none passes, so a cohort without aerated lung (e.g. a water phantom) still
+    gets its injections.
+    """
+    keep = [
+        lo_hu < local_mean_hu(scans[r.patient].volume, scans[r.patient].spacing,
+                              (float(r.slice), float(r.cy), float(r.cx)), radius_mm) < hi_hu
+        for r in manifest.itertuples()
+    ]  # fmt: skip
+    keep = np.asarray(keep, dtype=bool)
+    return manifest[keep] if keep.any() else manifest
+
+
+def fit_ctgan(
+    scans: list[ScanVolume], role: str, cfg: dict, seed: int
+) -> tuple[CTGANAttacker, list[dict]]:
     """Train CT-GAN's injector (on tumour cubes) or remover (on healthy cubes) of the attacker's scans."""
     rng = np.random.default_rng(seed)
     # the injector learns from tumours >= 10 mm: smaller ones, blurred by thick slices, teach it a faint blob
@@ -71,12 +96,16 @@ def ctgan_fakes(
         scan = scans[site.patient]
         z, y, x = float(site.slice), float(site.cy), float(site.cx)
         cube_mm = None
-        if attack == "remove":  # a cube that covers the whole tumour (CT-GAN's 20 mm centre hides <= 16 mm)
+        if (
+            attack == "remove"
+        ):  # a cube that covers the whole tumour (CT-GAN's 20 mm centre hides <= 16 mm)
             t = min(scan.tumours, key=lambda t: (t.z - z) ** 2 + (t.y - y) ** 2 + (t.x - x) ** 2)
             z, y, x = t.z, t.y, t.x
             cube_mm = removal_cube_mm(t.diameter_mm, attacker)
         tampered, mask = tamper_ct(scan, z, y, x, attacker, rng, attack=attack, cube_mm=cube_mm)
-        img, py, px = extract_patch(normalize_ct(tampered[site.slice]), site.cy, site.cx, patch_size)
+        img, py, px = extract_patch(
+            normalize_ct(tampered[site.slice]), site.cy, site.cx, patch_size
+        )
         m, _, _ = extract_patch(mask[site.slice].astype(np.uint8), site.cy, site.cx, patch_size)
         if not m.any():  # the edit left this slice's patch untouched: not a fake sample
             continue
@@ -113,12 +142,16 @@ def scenario_testset(
     patches, manifest = holdout
     attack = "inject" if scenario.endswith("Inject") else "remove"
     reals = pick_sites(manifest, SITES[attack][1], n_real, seed)
-    return build_testset(scenario, (patches[reals.index.to_numpy()], reals.reset_index(drop=True)), fakes)
+    return build_testset(
+        scenario, (patches[reals.index.to_numpy()], reals.reset_index(drop=True)), fakes
+    )
 
 
 def hygiene(manifest: pd.DataFrame) -> dict[str, int]:
     """Patient counts per split and a hard check that attacker/detector/test patients are disjoint."""
-    by = {s: set(manifest.loc[manifest["split"] == s, "patient"]) for s in ("train", "val", "holdout")}
+    by = {
+        s: set(manifest.loc[manifest["split"] == s, "patient"]) for s in ("train", "val", "holdout")
+    }
     check_disjoint(by["train"] | by["val"], by["holdout"])
     check_disjoint(by["train"], by["val"])
     return {s: len(p) for s, p in by.items()}

@@ -34,7 +34,9 @@ def mri_noise_rois(
     rng = np.random.default_rng(seed)
     bias = mri.bias_field(rng, disc.shape, scanner.bias_strength, pixel_mm)
     clean = mri.scan_mri_slice(maps, scanner, rng, pixel_mm, bias=bias, noise=False)
-    noisy = np.stack([mri.scan_mri_slice(maps, scanner, rng, pixel_mm, bias=bias) for _ in range(n_images)])
+    noisy = np.stack(
+        [mri.scan_mri_slice(maps, scanner, rng, pixel_mm, bias=bias) for _ in range(n_images)]
+    )
     region = np.hypot(yy, xx) <= 0.7 * radius
     return reference_noise_rois(noisy, clean, region, _roi_size(size)) / mri.fat_reference(scanner)
 
@@ -42,23 +44,41 @@ def mri_noise_rois(
 def noise_rois(modality: str, scanner, seed: int, size: int, pixel_mm: float) -> np.ndarray:
     """Noise-only ROIs of one scanner (CT in HU; MRI relative to the fat signal)."""
     if modality == "ct":
-        return ct_noise_rois(scanner, seed=seed, size=size, pixel_mm=pixel_mm, roi_size=_roi_size(size))
+        return ct_noise_rois(
+            scanner, seed=seed, size=size, pixel_mm=pixel_mm, roi_size=_roi_size(size)
+        )
     return mri_noise_rois(scanner, seed, size, pixel_mm)
 
 
 def scanner_nps(
-    modality: str, raw_dir: str | Path, names: list[str], pixel_mm: float, seed: int = 0, size: int = 256
+    modality: str,
+    raw_dir: str | Path,
+    names: list[str],
+    pixel_mm: float,
+    seed: int = 0,
+    size: int = 256,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Radial NPS of each named scanner: {name: (frequencies 1/mm, NPS)}."""
     protocols = load_protocols(Path(raw_dir) / "virtual_scanners" / f"{modality}.yaml", modality)
     scanners = select_scanners(protocols, names, f"data.{modality}.scanners")
-    return {s.name: noise_power_spectrum(noise_rois(modality, s, seed, size, pixel_mm), pixel_mm) for s in scanners}
+    return {
+        s.name: noise_power_spectrum(noise_rois(modality, s, seed, size, pixel_mm), pixel_mm)
+        for s in scanners
+    }
 
 
 def scanner_noise_table(
-    modality: str, raw_dir: str | Path, names: list[str], pixel_mm: float, seed: int = 0, size: int = 256
+    modality: str,
+    raw_dir: str | Path,
+    names: list[str],
+    pixel_mm: float,
+    seed: int = 0,
+    size: int = 256,
 ) -> dict[str, dict[str, float]]:
     """Noise std and NPS mean/peak frequency per scanner (a table beside the NPS figure)."""
     protocols = load_protocols(Path(raw_dir) / "virtual_scanners" / f"{modality}.yaml", modality)
     scanners = select_scanners(protocols, names, f"data.{modality}.scanners")
-    return {s.name: nps_summary(noise_rois(modality, s, seed, size, pixel_mm), pixel_mm) for s in scanners}
+    return {
+        s.name: nps_summary(noise_rois(modality, s, seed, size, pixel_mm), pixel_mm)
+        for s in scanners
+    }
