@@ -193,6 +193,34 @@ def test_scan_coords_scores_exactly_those_sites(ckpt, detector, volume, tmp_path
     assert "8 x 8 window" in (out / "summary.md").read_text()
 
 
+def test_scan_speed_options_keep_the_scores(ckpt, volume, tmp_path, capsys):
+    np.save(tmp_path / "vol.npy", volume)
+    base = [
+        "scan",
+        tmp_path / "vol.npy",
+        "--checkpoint",
+        ckpt,
+        "--threshold",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    tables = {}
+    for name, extra in {
+        "reference": ["--reference-path"],
+        "fast": [],
+        "nchw": ["--no-channels-last", "--batch-size", "5"],
+        "bf16": ["--precision", "bf16"],
+    }.items():
+        code, _, err = run([*base, *extra, "--out", tmp_path / name], capsys)
+        assert code == 0, err
+        tables[name] = pd.read_csv(tmp_path / name / "scores.csv")
+    ref = tables["reference"]["score"].to_numpy()
+    for name in ("fast", "nchw"):
+        np.testing.assert_allclose(tables[name]["score"], ref, rtol=1e-5)
+    assert np.corrcoef(tables["bf16"]["score"], ref)[0, 1] > 0.99
+
+
 def test_scan_npy_and_nifti_agree(ckpt, volume, tmp_path, capsys):
     np.save(tmp_path / "vol.npy", volume)
     write_nifti(tmp_path / "vol.nii.gz", volume)

@@ -435,6 +435,7 @@ def _scan(args: argparse.Namespace) -> int:
         pixel_mm=args.pixel_mm,
         prenormalized=args.prenormalized,
         device=args.device,
+        fast=_fast_options(args),
     )
     flagged = int(report.table["flagged"].sum())
     print(
@@ -443,6 +444,38 @@ def _scan(args: argparse.Namespace) -> int:
     )
     print(f"wrote {report.scores_csv}, {report.summary} and {len(report.figures)} heat map(s)")
     return 0
+
+
+def _fast_options(args: argparse.Namespace):
+    """FastOptions from --precision/--no-channels-last/--compile; None = the reference path."""
+    if args.reference_path:
+        return None
+    from btd.detect.fast import FastOptions
+
+    return FastOptions(
+        precision=args.precision,
+        channels_last=not args.no_channels_last,
+        compile=args.compile,
+        batch_size=args.batch_size,
+    )
+
+
+def _add_fast(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed (see benchmarks/fast_scoring.py for measured effects)")
+    g.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="U-Net precision: fp32 (exact), bf16 (CPU/GPU), fp16 (GPU); reduced precision keeps "
+        "the score ranking (Spearman >= 0.999 measured) but not the calibrated threshold exactly",
+    )
+    g.add_argument("--no-channels-last", action="store_true", help="keep NCHW activations")
+    g.add_argument("--compile", action="store_true", help="torch.compile the U-Net (warm-up cost)")
+    g.add_argument(
+        "--reference-path",
+        action="store_true",
+        help="score through the library's p_sample (btd.detect.btd.score), as the pipeline does",
+    )
 
 
 def _add_scan(sub: argparse._SubParsersAction) -> None:
@@ -499,6 +532,7 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
         "--prenormalized", action="store_true", help="input is already in [0,1]; do not normalise"
     )
     _add_device(p)
+    _add_fast(p)
     p.set_defaults(func=_scan)
 
 

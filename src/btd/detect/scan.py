@@ -21,8 +21,9 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,9 @@ import pandas as pd
 from btd.atomic import atomic_path
 from btd.data.preprocess import CT_HU_MAX, CT_HU_MIN, normalize_volume
 from btd.errors import BTDConfigError, BTDInputError
+
+if TYPE_CHECKING:
+    from btd.detect.fast import FastOptions
 
 TASKS = ("inject", "remove")
 MODALITIES = ("ct", "mri")
@@ -340,15 +344,24 @@ def score_sites(
     window: int | None = None,
     batch_size: int = 64,
     max_figures: int = 20,
+    fast: FastOptions | None = None,
 ) -> SiteScores:
     """BTD score of the patch at every site, streamed in chunks; keep the top flagged residuals.
 
     `window` None scores the whole patch (removal); an int scores that square at the site (injection).
+    `fast` runs the U-Net through `btd.detect.fast.FastScorer` (channels-last, bf16, compile) with
+    `batch_size` taken from it; None uses the reference path.
     """
     from btd.detect.btd import score
+    from btd.detect.fast import FastScorer
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise BTDConfigError("batch_size", f"must be a positive integer, got {batch_size!r}")
+    if fast is not None:
+        run, batch_size = FastScorer(diffusion, fast).score, fast.batch_size
+    else:
+        run = partial(score, diffusion, batch_size=batch_size)
+
     size = int(diffusion.image_size[0])
     n_z, h, w = volume.shape
     if h < size or w < size:
@@ -360,7 +373,7 @@ def score_sites(
     t0 = time.perf_counter()
     for sl, patches, centres in prefetch(patch_chunks(volume, sites, size, 4 * batch_size)):
         kw = {"window": window, "centres": centres} if window is not None else {}
-        s, maps = score(diffusion, patches, batch_size=batch_size, **kw)
+        s, maps = run(patches, **kw)
         scores[sl] = s
         for i in np.flatnonzero(s > threshold):
             kept.append(
@@ -597,6 +610,7 @@ def run_scan(
     pixel_mm: float | None = None,
     prenormalized: bool = False,
     device: str = "auto",
+    fast: FastOptions | None = None,
 ) -> ScanReport:
     """Scan one volume end to end and write scores.csv, flag_*.png and summary.md to `out_dir`.
 
@@ -626,7 +640,9 @@ def run_scan(
         mode = f"tiles every {stride} px (>= {min_foreground:.0%} tissue)"
     win = window if task == "inject" else None
     if len(sites):
-        result = score_sites(diffusion, scan.volume, sites, thr.value, win, batch_size, max_figures)
+        result = score_sites(
+            diffusion, scan.volume, sites, thr.value, win, batch_size, max_figures, fast
+        )
     else:
         result = SiteScores(np.empty(0), np.empty(0, bool), [], 0.0)
     table = site_table(scan, sites, result)
