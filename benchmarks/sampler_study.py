@@ -46,7 +46,9 @@ def validation_fakes(n: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarra
     patches, man = load_patch_dataset(paths.resolve("data/processed/ct"))
     val = man[man["split"] == "val"]
     attacker = diff.load_attacker(paths.resolve("models/attackers/diffusion_ct.pt"))
-    pixel_mm = float(yaml.safe_load((paths.ROOT / "params.yaml").read_text())["data"]["ct"]["pixel_mm"])
+    pixel_mm = float(
+        yaml.safe_load((paths.ROOT / "params.yaml").read_text())["data"]["ct"]["pixel_mm"]
+    )
     rng = np.random.default_rng(seed)
     out = {}
     for attack, site_label, real_label in (("inject", "TB", "TM"), ("remove", "TM", "TB")):

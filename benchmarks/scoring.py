@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-
 from _common import machine_info, peak_rss_mb, timed
 
 from btd.atomic import write_json

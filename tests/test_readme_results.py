@@ -38,11 +38,16 @@ def test_render_known_answer(tmp_path):
     fake_tables(tmp_path)
     text = render(tmp_path)
     # DIFF-MRI-Inject: paper BTD 0.99, paper best baseline ae 0.80; ours BTD 0.90, best ae 0.70
-    assert "| DIFF-MRI-Inject (SD-MRI-Inject) | 0.99 | 0.90 [0.50, 1.00] | 0.80 (ae) | 0.70 [0.50, 1.00] (ae) |" in text
+    assert (
+        "| DIFF-MRI-Inject (SD-MRI-Inject) | 0.99 | 0.90 [0.50, 1.00] | 0.80 (ae) | 0.70 [0.50, 1.00] (ae) |"
+        in text
+    )
     # CTGAN-CT-Inject: the paper's best baseline is In-Paint AE (0.80)
     assert "| 0.80 (inpaint_ae) |" in text
     assert "| DIFF-CT-Remove | 0.86 | 0.80 [0.50, 1.00] | 0.66 | 0.55 [0.50, 1.00] |" in text
-    assert "injection BTD 0.90 vs best baseline 0.70; removal BTD 0.90 vs best baseline 0.70" in text
+    assert (
+        "injection BTD 0.90 vs best baseline 0.70; removal BTD 0.90 vs best baseline 0.70" in text
+    )
 
 
 def test_update_rewrites_only_the_block(tmp_path):

@@ -93,7 +93,9 @@ def summary_line(t1: pd.DataFrame) -> str:
         btd = g[g["method"] == "BTD"]["auc"].mean()
         best = g[g["method"] != "BTD"].groupby("scenario")["auc"].max().mean()
         parts.append(f"{attack.lower()}ion BTD {btd:.2f} vs best baseline {best:.2f}")
-    return "Mean AUC over scenarios (ours): " + "; ".join(parts).replace("removeion", "removal") + "."
+    return (
+        "Mean AUC over scenarios (ours): " + "; ".join(parts).replace("removeion", "removal") + "."
+    )
 
 
 def render(root: Path) -> str:
