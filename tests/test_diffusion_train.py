@@ -292,10 +292,13 @@ def test_global_batch_is_split_across_processes():
 
 
 @pytest.mark.slow
-def test_accelerate_launch_two_cpu_processes(data, tmp_path):
-    """`accelerate launch` with 2 CPU processes (gloo) trains and writes one loadable checkpoint."""
+def test_two_processes_train_like_one_with_the_global_batch(data, tmp_path):
+    """`torchrun` (what `accelerate launch` runs) with 2 CPU processes x batch 2 follows the
+    single-process run with batch 4: DDP averages the two half-batch gradients."""
     import subprocess
     import sys
+
+    from btd.diffusion.train import TrainConfig
 
     train_x, val_x = data
     folder = tmp_path / "patches"
@@ -306,14 +309,21 @@ def test_accelerate_launch_two_cpu_processes(data, tmp_path):
         split = "train" if i < len(train_x) else "val"
         rows.append(f"{i},p{i % 4},s0,{split},0,8,8,8,8,,TB")
     (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "btd.cli", "train", "--accelerate", "--patches", str(folder),
-           "--out", str(tmp_path / "m"), "--steps", "6", "--batch-size", "2", "--dim", "8",
-           "--dim-mults", "1,2", "--device", "cpu", "--quiet"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29533", "-m", "btd.cli", "train", "--accelerate",
+           "--patches", str(folder), "--out", str(tmp_path / "m"), "--steps", "6",
+           "--batch-size", "2", "--dim", "8", "--dim-mults", "1,2", "--device", "cpu", "--quiet"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "accelerate: 2 process(es)" in proc.stdout
     assert proc.stdout.count("checkpoint:") == 1  # printed by the main process only
-    diffusion, config = load_detector(tmp_path / "m" / "checkpoint.pt")
-    assert load_checkpoint(tmp_path / "m" / "checkpoint.pt")["step"] == 6
+    two = load_checkpoint(tmp_path / "m" / "checkpoint.pt")
+    assert two["step"] == 6
+    one_cfg = TrainConfig.from_dict({**two["config"], "batch_size": 4})
+    one = train(train_x, one_cfg, tmp_path / "one", val_patches=val_x, progress=False)
+    for k, v in one.model.state_dict().items():
+        torch.testing.assert_close(two["model"][k], v, rtol=1e-4, atol=1e-5)
+    # control: one process with the per-process batch (2) ends elsewhere
+    half = train(train_x, TrainConfig.from_dict(two["config"]), tmp_path / "half", progress=False)
+    gap = max((two["model"][k] - v).abs().max().item() for k, v in half.model.state_dict().items())
+    assert gap > 1e-4
