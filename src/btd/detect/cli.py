@@ -447,6 +447,11 @@ def _scan(args: argparse.Namespace) -> int:
     from btd.detect.scan import run_scan
 
     out = args.out or "btd-scan"
+    accelerator = None
+    if args.accelerate:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=args.device == "cpu")
     report = run_scan(
         args.path,
         args.checkpoint,
@@ -464,7 +469,10 @@ def _scan(args: argparse.Namespace) -> int:
         prenormalized=args.prenormalized,
         device=args.device,
         fast=_fast_options(args),
+        accelerator=accelerator,
     )
+    if report is None:  # a non-main accelerate process: the main one reports
+        return 0
     flagged = int(report.table["flagged"].sum())
     print(
         f"scored {len(report.table)} patches in {report.seconds:.1f} s on {report.device}; "
@@ -499,6 +507,11 @@ def _add_fast(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-channels-last", action="store_true", help="keep NCHW activations")
     g.add_argument("--compile", action="store_true", help="torch.compile the U-Net (warm-up cost)")
+    g.add_argument(
+        "--accelerate",
+        action="store_true",
+        help="split the sites over the processes of `accelerate launch` (several GPUs)",
+    )
     g.add_argument(
         "--reference-path",
         action="store_true",

@@ -33,6 +33,8 @@ from btd.data.preprocess import CT_HU_MAX, CT_HU_MIN, normalize_volume
 from btd.errors import BTDConfigError, BTDInputError
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from btd.detect.fast import FastOptions
 
 TASKS = ("inject", "remove")
@@ -379,8 +381,40 @@ def score_sites(
             kept.append(
                 Flagged(sl.start + int(i), float(s[i]), patches[i, 0], maps[i], tuple(centres[i]))
             )
-        kept = sorted(kept, key=lambda f: -f.score)[:max_figures]
+        kept = sorted(kept, key=lambda f: (-f.score, f.row))[:max_figures]
     return SiteScores(scores, scores > threshold, kept, time.perf_counter() - t0)
+
+
+def score_sites_distributed(
+    accelerator: Accelerator,
+    diffusion,
+    volume: np.ndarray,
+    sites: np.ndarray,
+    threshold: float,
+    window: int | None = None,
+    batch_size: int = 64,
+    max_figures: int = 20,
+    fast: FastOptions | None = None,
+) -> SiteScores:
+    """`score_sites` with the sites split across the accelerate processes; every process gets the
+    merged result (scores in site order, the top flagged residuals over all processes)."""
+    from accelerate.utils import gather_object
+
+    t0 = time.perf_counter()
+    with accelerator.split_between_processes(np.arange(len(sites))) as mine:
+        part = score_sites(
+            diffusion, volume, sites[mine], threshold, window, batch_size, max_figures, fast
+        )
+        for f in part.figures:
+            f.row = int(mine[f.row])
+    pieces = gather_object([(np.asarray(mine), part.scores, part.figures)])
+    scores = np.empty(len(sites), dtype=np.float64)
+    figures: list[Flagged] = []
+    for rows, s, figs in pieces:
+        scores[rows] = s
+        figures += figs
+    figures = sorted(figures, key=lambda f: (-f.score, f.row))[:max_figures]
+    return SiteScores(scores, scores > threshold, figures, time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -611,11 +645,14 @@ def run_scan(
     prenormalized: bool = False,
     device: str = "auto",
     fast: FastOptions | None = None,
-) -> ScanReport:
+    accelerator: Accelerator | None = None,
+) -> ScanReport | None:
     """Scan one volume end to end and write scores.csv, flag_*.png and summary.md to `out_dir`.
 
     `task` defaults to 'inject' with `coords` (is the tumour there real?) and 'remove' without
     (was one erased anywhere?). Checkpoint and threshold are checked before the volume is read.
+    With `accelerator` (under `accelerate launch`) the sites are scored by all processes; the main
+    process writes the outputs and returns the report, the others return None.
     """
     from btd.diffusion.checkpoint import load_detector
     from btd.diffusion.train import resolve_device
@@ -624,7 +661,7 @@ def run_scan(
     if not isinstance(max_figures, int) or max_figures < 0:
         raise BTDConfigError("max_figures", f"must be a non-negative integer, got {max_figures!r}")
     task = task or ("inject" if coords is not None else "remove")
-    dev = resolve_device(device)
+    dev = accelerator.device if accelerator is not None else resolve_device(device)
     diffusion, _ = load_detector(checkpoint, dev)
     thr = resolve_threshold(checkpoint, task, threshold)
     size = int(diffusion.image_size[0])
@@ -639,7 +676,21 @@ def run_scan(
         sites, n_skipped = tile_sites(scan.foreground, size, stride, min_foreground)
         mode = f"tiles every {stride} px (>= {min_foreground:.0%} tissue)"
     win = window if task == "inject" else None
-    if len(sites):
+    if len(sites) and accelerator is not None and accelerator.num_processes > 1:
+        result = score_sites_distributed(
+            accelerator,
+            diffusion,
+            scan.volume,
+            sites,
+            thr.value,
+            win,
+            batch_size,
+            max_figures,
+            fast,
+        )
+        if not accelerator.is_main_process:
+            return None
+    elif len(sites):
         result = score_sites(
             diffusion, scan.volume, sites, thr.value, win, batch_size, max_figures, fast
         )
