@@ -54,18 +54,21 @@ def test_update_rewrites_only_the_block(tmp_path):
     fake_tables(tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n{START}\nold\n{END}\n\nafter\n")
-    assert update(readme, tmp_path, check=True) is False
-    update(readme, tmp_path)
+    assert update(readme, tmp_path, check=True, benchmarks=False) is False
+    update(readme, tmp_path, benchmarks=False)
     text = readme.read_text()
     assert text.startswith("# title\n\n") and text.endswith(f"{END}\n\nafter\n")
     assert "old" not in text
-    assert update(readme, tmp_path, check=True) is True
+    assert update(readme, tmp_path, check=True, benchmarks=False) is True
+    with pytest.raises(BTDInputError, match="benchmarks:start"):  # the benchmarks block is missing
+        update(readme, tmp_path)
 
 
 def test_missing_tables_and_markers_are_clear_errors(tmp_path):
     with pytest.raises(BTDInputError, match="table1.csv"):
         render(tmp_path)
     readme = tmp_path / "README.md"
+    fake_tables(tmp_path)
     readme.write_text("no markers\n")
     with pytest.raises(BTDInputError, match="results markers"):
         update(readme, tmp_path)
