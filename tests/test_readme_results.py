@@ -15,10 +15,10 @@ SCENARIOS = list(paper_numbers()["columns"])
 
 
 def fake_tables(root: Path) -> None:
-    """table1/table3 with known AUCs: BTD 0.9, ae 0.7, oc_vae 0.6; B-1 0.8, F&B-1 0.55."""
+    """table1/table3 with known AUCs: BTD 0.9, AE 0.7, OC-VAE 0.6; B-1 0.8, F&B-1 0.55."""
     ci = {"auc_lo": 0.5, "auc_hi": 1.0, "eer": 0.2, "eer_lo": 0.1, "eer_hi": 0.3}
     t1 = [{"method": m, "scenario": s, "auc": a, **ci}
-          for s in SCENARIOS for m, a in (("BTD", 0.9), ("ae", 0.7), ("oc_vae", 0.6))]  # fmt: skip
+          for s in SCENARIOS for m, a in (("BTD", 0.9), ("AE", 0.7), ("OC-VAE", 0.6))]  # fmt: skip
     t3 = [{"method": m, "steps": k, "scenario": s, "auc": a, **ci}
           for s in SCENARIOS for k in (1, 10) for m, a in (("B", 0.8), ("F&B", 0.55))]  # fmt: skip
     tables = root / "results" / "tables"
@@ -39,11 +39,11 @@ def test_render_known_answer(tmp_path):
     text = render(tmp_path)
     # DIFF-MRI-Inject: paper BTD 0.99, paper best baseline ae 0.80; ours BTD 0.90, best ae 0.70
     assert (
-        "| DIFF-MRI-Inject (SD-MRI-Inject) | 0.99 | 0.90 [0.50, 1.00] | 0.80 (ae) | 0.70 [0.50, 1.00] (ae) |"
+        "| DIFF-MRI-Inject (SD-MRI-Inject) | 0.99 | 0.90 [0.50, 1.00] | 0.80 (AE) | 0.70 [0.50, 1.00] (AE) |"
         in text
     )
     # CTGAN-CT-Inject: the paper's best baseline is In-Paint AE (0.80)
-    assert "| 0.80 (inpaint_ae) |" in text
+    assert "| 0.80 (In-Paint AE) |" in text
     assert "| DIFF-CT-Remove | 0.86 | 0.80 [0.50, 1.00] | 0.66 | 0.55 [0.50, 1.00] |" in text
     assert (
         "injection BTD 0.90 vs best baseline 0.70; removal BTD 0.90 vs best baseline 0.70" in text
