@@ -1,32 +1,44 @@
-"""Scoring throughput: BTD (one backward step) vs a bare U-Net forward vs F&B with 10 steps.
+"""Scoring throughput: BTD (one backward step) vs a bare U-Net forward vs F&B-10 vs OOD-DDPM.
 
-All three run in ONE process on the SAME model and the same patches, so the ratios are
-meaningful even on a noisy shared machine. Each measurement: warm-up runs, then several timed
-repeats; the median is reported.
+All run in ONE process on the SAME model and the same patches, so the ratios are meaningful even
+on a noisy shared machine. Each measurement: warm-up runs, then several timed repeats, round-robin;
+the median is reported.
 
-    python benchmarks/scoring.py --image-size 48 --dim 16 --dim-mults 1,2,4
-    python benchmarks/scoring.py --checkpoint models/ct/checkpoint.pt --device auto
+- `bare_unet`, `btd` (reference path), `btd_fast` (`btd.detect.fast`, fp32 channels-last) and
+  `fb10` score `--n-patches` patches in batches of `--batch-size`;
+- OOD-DDPM with its ORIGINAL default settings (marksgraham/ddpm-ood: PLMS with 100 inference steps,
+  reconstructions from every 4th of its start points, t = 10, 50, ..., 970: about 1 225 U-Net calls
+  per patch; here with the deterministic DDIM sampler at the same step spacing) is too slow to run on
+  many CPU patches, so it scores `--ood-patches` patches in one batch, and BTD is timed on the very
+  same patches and batch (`btd_same_batch`) for the ratio. `ood_ddpm_cpu_profile` is this
+  repository's cut-down default (4 starts, 5 calls per patch) on the same patches.
+
+    python benchmarks/scoring.py --checkpoint models/ddpm/ct/checkpoint.pt
+    python benchmarks/scoring.py --image-size 48 --dim 16 --dim-mults 1,2,4 --device auto
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import machine_info, peak_rss_mb, timed
 
 from btd.atomic import write_json
+from btd.baselines.ood_ddpm import OODDDPM
 from btd.detect import score
+from btd.detect.fast import FastOptions, FastScorer
 from btd.diffusion import build_diffusion, load_detector
-from btd.diffusion.checkpoint import library_version
 from btd.diffusion.train import resolve_device
+
+#: OOD-DDPM's original start points (MONAI PNDM, 100 steps, inference_skip_factor 4) and step spacing
+ORIGINAL_OOD_T_STARTS = tuple(range(10, 1000, 40))
+ORIGINAL_OOD_STRIDE = 10
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scoring.json"
 
@@ -41,32 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-patches", type=int, default=64, help="patches scored per timed run")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--fb-steps", type=int, default=10)
+    p.add_argument("--ood-patches", type=int, default=2, help="patches for the OOD-DDPM timing")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p.parse_args(argv)
-
-
-def timed(
-    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int
-) -> dict[str, dict[str, list[float]]]:
-    """Wall and CPU seconds per call, round-robin over `fns` so load drifts hit all alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync()
-    out = {name: {"wall_s": [], "cpu_s": []} for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            sync()
-            out[name]["wall_s"].append(time.perf_counter() - w0)
-            out[name]["cpu_s"].append(time.process_time() - c0)
-    return out
 
 
 def bare_forward(diffusion, x: torch.Tensor, batch_size: int) -> Callable[[], None]:
@@ -82,25 +75,14 @@ def bare_forward(diffusion, x: torch.Tensor, batch_size: int) -> Callable[[], No
     return run
 
 
-def machine_info(device: torch.device) -> dict[str, object]:
-    """Where the numbers came from."""
-    info: dict[str, object] = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": str(torch.__version__),
-        "torch_threads": torch.get_num_threads(),
-        "denoising_diffusion_pytorch": library_version(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+def _summary(t: dict[str, list[float]], n: int) -> dict[str, object]:
+    wall, cpu = statistics.median(t["wall_s"]), statistics.median(t["cpu_s"])
+    return {"median_wall_s": wall, "median_cpu_s": cpu, "patches": n,
+            "patches_per_s": n / wall, "patches_per_cpu_s": n / cpu, **t}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    """Run the three measurements and write the JSON report."""
+    """Run the measurements and write the JSON report."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,53 +96,61 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         diffusion = build_diffusion(size, dim, mults, seed=0).to(device).eval()
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.random((args.n_patches, 1, size, size), dtype=np.float32))
-
+    fast = FastScorer(diffusion, FastOptions(batch_size=args.batch_size))
+    fb = f"fb{args.fb_steps}"
     runs = {
         "bare_unet": bare_forward(diffusion, x, args.batch_size),
         "btd": lambda: score(diffusion, x, batch_size=args.batch_size),
-        f"fb{args.fb_steps}": lambda: score(
+        "btd_fast": lambda: fast.score(x),
+        fb: lambda: score(
             diffusion, x, steps=args.fb_steps, method="forward_backward", batch_size=args.batch_size
         ),
     }
-    results = {}
     load_before = os.getloadavg()[0]
+    results = {}
     for name, t in timed(runs, device, args.repeats, args.warmup).items():
-        wall, cpu = statistics.median(t["wall_s"]), statistics.median(t["cpu_s"])
-        results[name] = {
-            "median_wall_s": wall,
-            "median_cpu_s": cpu,
-            "patches_per_s": args.n_patches / wall,
-            "patches_per_cpu_s": args.n_patches / cpu,
-            **t,
-        }
-        print(f"{name:>10}: {args.n_patches / wall:9.2f} patches/s (median of {args.repeats})")
-    fb = f"fb{args.fb_steps}"
+        results[name] = _summary(t, args.n_patches)
+        print(f"{name:>22}: {results[name]['patches_per_s']:10.3f} patches/s")
+
+    # OOD-DDPM: few patches, one batch; BTD on the same patches and batch for the ratio
+    xo = x[: args.ood_patches].numpy()
+    ood = {
+        "ood_ddpm_original": OODDDPM(diffusion=diffusion, t_starts=ORIGINAL_OOD_T_STARTS,
+                                     ddim_stride=ORIGINAL_OOD_STRIDE, batch_size=len(xo)),
+        "ood_ddpm_cpu_profile": OODDDPM(diffusion=diffusion, batch_size=len(xo)),
+    }  # fmt: skip
+    runs = {
+        "btd_same_batch": lambda: score(diffusion, xo, batch_size=len(xo)),
+        **{name: (lambda b=b: b.distances(xo)) for name, b in ood.items()},
+    }
+    for name, t in timed(runs, device, repeats=1, warmup=0).items():
+        results[name] = _summary(t, len(xo))
+        print(f"{name:>22}: {results[name]['patches_per_s']:10.4f} patches/s")
+    calls = {name: b.unet_calls_per_patch for name, b in ood.items()}
+
+    def ratio(a: str, b: str, key: str = "patches_per_s") -> float:
+        return results[a][key] / results[b][key]
+
     report = {
-        "model": {
-            "image_size": size,
-            "dim": dim,
-            "dim_mults": list(mults),
-            "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-        },
-        "settings": {
-            "n_patches": args.n_patches,
-            "batch_size": args.batch_size,
-            "repeats": args.repeats,
-            "warmup": args.warmup,
-            "fb_steps": args.fb_steps,
-        },
+        "model": {"image_size": size, "dim": dim, "dim_mults": list(mults),
+                  "checkpoint": str(args.checkpoint) if args.checkpoint else None},
+        "settings": {"n_patches": args.n_patches, "batch_size": args.batch_size,
+                     "repeats": args.repeats, "warmup": args.warmup, "fb_steps": args.fb_steps,
+                     "ood_patches": len(xo), "ood_unet_calls_per_patch": calls,
+                     "ood_original_t_starts": list(ORIGINAL_OOD_T_STARTS),
+                     "ood_original_stride": ORIGINAL_OOD_STRIDE},
         "results": results,
         "ratios": {
-            "btd_over_bare": results["btd"]["patches_per_s"]
-            / results["bare_unet"]["patches_per_s"],
-            f"{fb}_over_btd": results[fb]["patches_per_s"] / results["btd"]["patches_per_s"],
-            "btd_over_bare_cpu": results["btd"]["patches_per_cpu_s"]
-            / results["bare_unet"]["patches_per_cpu_s"],
-            f"{fb}_over_btd_cpu": results[fb]["patches_per_cpu_s"]
-            / results["btd"]["patches_per_cpu_s"],
+            "btd_over_bare": ratio("btd", "bare_unet"),
+            "btd_fast_over_bare": ratio("btd_fast", "bare_unet"),
+            f"{fb}_over_btd": ratio(fb, "btd"),
+            "btd_over_ood_ddpm_original": ratio("btd_same_batch", "ood_ddpm_original"),
+            "btd_over_ood_ddpm_cpu_profile": ratio("btd_same_batch", "ood_ddpm_cpu_profile"),
+            "btd_over_bare_cpu": ratio("btd", "bare_unet", "patches_per_cpu_s"),
         },
+        "peak_rss_mb": peak_rss_mb(),
         "machine": {**machine_info(device), "load_avg_1min": [load_before, os.getloadavg()[0]]},
-    }
+    }  # fmt: skip
     write_json(args.out, report)
     print(f"ratios: {report['ratios']}  ->  {args.out}")
     return report

@@ -193,6 +193,34 @@ def test_scan_coords_scores_exactly_those_sites(ckpt, detector, volume, tmp_path
     assert "8 x 8 window" in (out / "summary.md").read_text()
 
 
+def test_scan_speed_options_keep_the_scores(ckpt, volume, tmp_path, capsys):
+    np.save(tmp_path / "vol.npy", volume)
+    base = [
+        "scan",
+        tmp_path / "vol.npy",
+        "--checkpoint",
+        ckpt,
+        "--threshold",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    tables = {}
+    for name, extra in {
+        "reference": ["--reference-path"],
+        "fast": [],
+        "nchw": ["--no-channels-last", "--batch-size", "5"],
+        "bf16": ["--precision", "bf16"],
+    }.items():
+        code, _, err = run([*base, *extra, "--out", tmp_path / name], capsys)
+        assert code == 0, err
+        tables[name] = pd.read_csv(tmp_path / name / "scores.csv")
+    ref = tables["reference"]["score"].to_numpy()
+    for name in ("fast", "nchw"):
+        np.testing.assert_allclose(tables[name]["score"], ref, rtol=1e-5)
+    assert np.corrcoef(tables["bf16"]["score"], ref)[0, 1] > 0.99
+
+
 def test_scan_npy_and_nifti_agree(ckpt, volume, tmp_path, capsys):
     np.save(tmp_path / "vol.npy", volume)
     write_nifti(tmp_path / "vol.nii.gz", volume)
@@ -406,3 +434,29 @@ def test_train_resumes_with_checkpoint_settings(patch_folder, tmp_path, capsys):
     assert len(pd.read_csv(out / "loss_log.csv")) == 2
     code, _, err = run([*base, "--steps", "4", "--dim", "12"], capsys)
     assert_one_line_error(code, err, str(out / "checkpoint.pt"), "dim")
+
+
+@pytest.mark.slow
+def test_scan_split_over_two_processes_matches_one(ckpt, volume, tmp_path, capsys):
+    """`torchrun` (what `accelerate launch` runs) with 2 CPU processes: same table, one report."""
+    import subprocess
+
+    np.save(tmp_path / "vol.npy", volume)
+    base = ["scan", str(tmp_path / "vol.npy"), "--checkpoint", str(ckpt), "--threshold", "0.0",
+            "--device", "cpu", "--stride", "4"]  # fmt: skip
+    code, _, err = run([*base, "--out", tmp_path / "one"], capsys)
+    assert code == 0, err
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29534", "-m", "btd.cli", *base, "--accelerate",
+           "--out", str(tmp_path / "two")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("scored ") == 1  # only the main process reports
+    one = pd.read_csv(tmp_path / "one" / "scores.csv")
+    two = pd.read_csv(tmp_path / "two" / "scores.csv")
+    assert len(one) > 8
+    pd.testing.assert_frame_equal(one, two, rtol=1e-6)
+    # the same number of heat maps (near-tied scores may swap places: batches differ by process)
+    assert len(list((tmp_path / "one").glob("flag_*.png"))) == len(
+        list((tmp_path / "two").glob("flag_*.png"))
+    )

@@ -22,6 +22,24 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readme(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from btd import paths
+    from btd.report.readme import update
+
+    readme = Path(args.readme) if args.readme else paths.ROOT / "README.md"
+    if args.check:
+        if update(readme, paths.ROOT, check=True):
+            print(f"{readme}: results section is up to date")
+            return 0
+        print(f"{readme}: results section is out of date; run `btd readme`", file=sys.stderr)
+        return 1
+    update(readme, paths.ROOT)
+    print(f"{readme}: results section regenerated from results/tables")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="btd",
@@ -40,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--params", default="params.yaml", help="params file to rewrite (default params.yaml)"
     )
     p.set_defaults(func=_profile)
+    p = sub.add_parser(
+        "readme",
+        help="regenerate the README's results tables from results/tables",
+        description="Rewrite the block between the results markers of README.md from "
+        "results/tables/table1.csv and table3.csv (and the paper's numbers). --check only tests it.",
+    )
+    p.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
+    p.add_argument("--readme", help="README to update (default: the project's README.md)")
+    p.set_defaults(func=_readme)
     _register_detector_commands(sub)
     return parser
 

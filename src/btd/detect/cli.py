@@ -115,7 +115,19 @@ def _train(args: argparse.Namespace) -> int:
     val_x, _ = load_patch_dataset(args.patches, "val")
     out = Path(args.out)
     config = train_config(args, int(train_x.shape[-1]), out / CHECKPOINT_NAME)
-    print(
+    accelerator = None
+    if args.accelerate:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=config.device == "cpu")
+        say = accelerator.print
+        say(
+            f"accelerate: {accelerator.num_processes} process(es) on {accelerator.device}, "
+            f"global batch {accelerator.num_processes} x per-process --batch-size"
+        )
+    else:
+        say = print
+    say(
         f"training on {len(train_x)} train / {len(val_x)} val patches of "
         f"{config.image_size}x{config.image_size}, dim {config.dim} x {list(config.dim_mults)}, "
         f"{config.steps} steps, batch {config.batch_size}, device {config.device}"
@@ -127,17 +139,18 @@ def _train(args: argparse.Namespace) -> int:
         val_patches=val_x if len(val_x) else None,
         resume=not args.fresh,
         progress=not args.quiet,
+        accelerator=accelerator,
     )
     last = result.loss_log[-1] if result.loss_log else {}
     done = result.end_step - result.start_step
-    print(
+    say(
         f"steps {result.start_step}->{result.end_step} in {result.seconds:.1f} s "
         f"({result.steps_per_second:.2f} steps/s); train loss {last.get('train_loss', float('nan')):.4f}, "
         f"val loss {last.get('val_loss', float('nan')):.4f}"
         + ("" if done else " (nothing to do: already trained that far)")
     )
-    print(f"checkpoint: {result.checkpoint}")
-    print(f"next: btd calibrate --checkpoint {result.checkpoint} --patches {args.patches}")
+    say(f"checkpoint: {result.checkpoint}")
+    say(f"next: btd calibrate --checkpoint {result.checkpoint} --patches {args.patches}")
     return 0
 
 
@@ -156,7 +169,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "  btd train --patches data/processed/ct --out models/ddpm/ct --steps 5000\n"
         "  btd train --patches data/processed/ct --out models/ddpm/ct --steps 20000   # resume\n"
         "  btd train --patches data/processed/mri --out models/ddpm/mri --dim 32 \\\n"
-        "      --dim-mults 1,2,4,8 --batch-size 64 --timestep-sampler uniform --device cuda",
+        "      --dim-mults 1,2,4,8 --batch-size 64 --timestep-sampler uniform --device cuda\n"
+        "  accelerate launch --multi_gpu --num_processes 4 -m btd.cli train --accelerate \\\n"
+        "      --patches data/processed/ct --out models/ddpm/ct --device cuda --batch-size 16"
+        "   # 4 GPUs x 16 = global batch 64",
     )
     p.add_argument("--patches", required=True, help="patch folder (patches.npy + manifest.csv)")
     p.add_argument("--out", required=True, help="model folder: checkpoint.pt + loss_log.csv")
@@ -178,6 +194,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of weights, batches and noise (default 0)")
     p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out, start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--accelerate",
+        action="store_true",
+        help="train through Hugging Face accelerate (run under `accelerate launch` for several "
+        "GPUs or nodes; --batch-size is then per process)",
+    )
+    p.add_argument(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default="no",
+        help="accelerate's mixed precision (with --accelerate; default no)",
+    )
     p.set_defaults(func=_train)
 
 
@@ -419,6 +447,11 @@ def _scan(args: argparse.Namespace) -> int:
     from btd.detect.scan import run_scan
 
     out = args.out or "btd-scan"
+    accelerator = None
+    if args.accelerate:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=args.device == "cpu")
     report = run_scan(
         args.path,
         args.checkpoint,
@@ -435,7 +468,11 @@ def _scan(args: argparse.Namespace) -> int:
         pixel_mm=args.pixel_mm,
         prenormalized=args.prenormalized,
         device=args.device,
+        fast=_fast_options(args),
+        accelerator=accelerator,
     )
+    if report is None:  # a non-main accelerate process: the main one reports
+        return 0
     flagged = int(report.table["flagged"].sum())
     print(
         f"scored {len(report.table)} patches in {report.seconds:.1f} s on {report.device}; "
@@ -443,6 +480,43 @@ def _scan(args: argparse.Namespace) -> int:
     )
     print(f"wrote {report.scores_csv}, {report.summary} and {len(report.figures)} heat map(s)")
     return 0
+
+
+def _fast_options(args: argparse.Namespace):
+    """FastOptions from --precision/--no-channels-last/--compile; None = the reference path."""
+    if args.reference_path:
+        return None
+    from btd.detect.fast import FastOptions
+
+    return FastOptions(
+        precision=args.precision,
+        channels_last=not args.no_channels_last,
+        compile=args.compile,
+        batch_size=args.batch_size,
+    )
+
+
+def _add_fast(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed (see benchmarks/fast_scoring.py for measured effects)")
+    g.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="U-Net precision: fp32 (exact), bf16 (CPU/GPU), fp16 (GPU); reduced precision keeps "
+        "the score ranking (Spearman >= 0.999 measured) but not the calibrated threshold exactly",
+    )
+    g.add_argument("--no-channels-last", action="store_true", help="keep NCHW activations")
+    g.add_argument("--compile", action="store_true", help="torch.compile the U-Net (warm-up cost)")
+    g.add_argument(
+        "--accelerate",
+        action="store_true",
+        help="split the sites over the processes of `accelerate launch` (several GPUs)",
+    )
+    g.add_argument(
+        "--reference-path",
+        action="store_true",
+        help="score through the library's p_sample (btd.detect.btd.score), as the pipeline does",
+    )
 
 
 def _add_scan(sub: argparse._SubParsersAction) -> None:
@@ -499,6 +573,7 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
         "--prenormalized", action="store_true", help="input is already in [0,1]; do not normalise"
     )
     _add_device(p)
+    _add_fast(p)
     p.set_defaults(func=_scan)
 
 

@@ -21,8 +21,9 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,11 @@ import pandas as pd
 from btd.atomic import atomic_path
 from btd.data.preprocess import CT_HU_MAX, CT_HU_MIN, normalize_volume
 from btd.errors import BTDConfigError, BTDInputError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from btd.detect.fast import FastOptions
 
 TASKS = ("inject", "remove")
 MODALITIES = ("ct", "mri")
@@ -340,15 +346,24 @@ def score_sites(
     window: int | None = None,
     batch_size: int = 64,
     max_figures: int = 20,
+    fast: FastOptions | None = None,
 ) -> SiteScores:
     """BTD score of the patch at every site, streamed in chunks; keep the top flagged residuals.
 
     `window` None scores the whole patch (removal); an int scores that square at the site (injection).
+    `fast` runs the U-Net through `btd.detect.fast.FastScorer` (channels-last, bf16, compile) with
+    `batch_size` taken from it; None uses the reference path.
     """
     from btd.detect.btd import score
+    from btd.detect.fast import FastScorer
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise BTDConfigError("batch_size", f"must be a positive integer, got {batch_size!r}")
+    if fast is not None:
+        run, batch_size = FastScorer(diffusion, fast).score, fast.batch_size
+    else:
+        run = partial(score, diffusion, batch_size=batch_size)
+
     size = int(diffusion.image_size[0])
     n_z, h, w = volume.shape
     if h < size or w < size:
@@ -360,14 +375,46 @@ def score_sites(
     t0 = time.perf_counter()
     for sl, patches, centres in prefetch(patch_chunks(volume, sites, size, 4 * batch_size)):
         kw = {"window": window, "centres": centres} if window is not None else {}
-        s, maps = score(diffusion, patches, batch_size=batch_size, **kw)
+        s, maps = run(patches, **kw)
         scores[sl] = s
         for i in np.flatnonzero(s > threshold):
             kept.append(
                 Flagged(sl.start + int(i), float(s[i]), patches[i, 0], maps[i], tuple(centres[i]))
             )
-        kept = sorted(kept, key=lambda f: -f.score)[:max_figures]
+        kept = sorted(kept, key=lambda f: (-f.score, f.row))[:max_figures]
     return SiteScores(scores, scores > threshold, kept, time.perf_counter() - t0)
+
+
+def score_sites_distributed(
+    accelerator: Accelerator,
+    diffusion,
+    volume: np.ndarray,
+    sites: np.ndarray,
+    threshold: float,
+    window: int | None = None,
+    batch_size: int = 64,
+    max_figures: int = 20,
+    fast: FastOptions | None = None,
+) -> SiteScores:
+    """`score_sites` with the sites split across the accelerate processes; every process gets the
+    merged result (scores in site order, the top flagged residuals over all processes)."""
+    from accelerate.utils import gather_object
+
+    t0 = time.perf_counter()
+    with accelerator.split_between_processes(np.arange(len(sites))) as mine:
+        part = score_sites(
+            diffusion, volume, sites[mine], threshold, window, batch_size, max_figures, fast
+        )
+        for f in part.figures:
+            f.row = int(mine[f.row])
+    pieces = gather_object([(np.asarray(mine), part.scores, part.figures)])
+    scores = np.empty(len(sites), dtype=np.float64)
+    figures: list[Flagged] = []
+    for rows, s, figs in pieces:
+        scores[rows] = s
+        figures += figs
+    figures = sorted(figures, key=lambda f: (-f.score, f.row))[:max_figures]
+    return SiteScores(scores, scores > threshold, figures, time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -597,11 +644,15 @@ def run_scan(
     pixel_mm: float | None = None,
     prenormalized: bool = False,
     device: str = "auto",
-) -> ScanReport:
+    fast: FastOptions | None = None,
+    accelerator: Accelerator | None = None,
+) -> ScanReport | None:
     """Scan one volume end to end and write scores.csv, flag_*.png and summary.md to `out_dir`.
 
     `task` defaults to 'inject' with `coords` (is the tumour there real?) and 'remove' without
     (was one erased anywhere?). Checkpoint and threshold are checked before the volume is read.
+    With `accelerator` (under `accelerate launch`) the sites are scored by all processes; the main
+    process writes the outputs and returns the report, the others return None.
     """
     from btd.diffusion.checkpoint import load_detector
     from btd.diffusion.train import resolve_device
@@ -610,7 +661,7 @@ def run_scan(
     if not isinstance(max_figures, int) or max_figures < 0:
         raise BTDConfigError("max_figures", f"must be a non-negative integer, got {max_figures!r}")
     task = task or ("inject" if coords is not None else "remove")
-    dev = resolve_device(device)
+    dev = accelerator.device if accelerator is not None else resolve_device(device)
     diffusion, _ = load_detector(checkpoint, dev)
     thr = resolve_threshold(checkpoint, task, threshold)
     size = int(diffusion.image_size[0])
@@ -625,8 +676,24 @@ def run_scan(
         sites, n_skipped = tile_sites(scan.foreground, size, stride, min_foreground)
         mode = f"tiles every {stride} px (>= {min_foreground:.0%} tissue)"
     win = window if task == "inject" else None
-    if len(sites):
-        result = score_sites(diffusion, scan.volume, sites, thr.value, win, batch_size, max_figures)
+    if len(sites) and accelerator is not None and accelerator.num_processes > 1:
+        result = score_sites_distributed(
+            accelerator,
+            diffusion,
+            scan.volume,
+            sites,
+            thr.value,
+            win,
+            batch_size,
+            max_figures,
+            fast,
+        )
+        if not accelerator.is_main_process:
+            return None
+    elif len(sites):
+        result = score_sites(
+            diffusion, scan.volume, sites, thr.value, win, batch_size, max_figures, fast
+        )
     else:
         result = SiteScores(np.empty(0), np.empty(0, bool), [], 0.0)
     table = site_table(scan, sites, result)

@@ -12,6 +12,11 @@ its own loop. This one follows the Trainer's recipe (Adam betas (0.9, 0.99), gra
   seed), evaluated with the EMA model, comparable across evaluations; plus the loss at t = 0, the
   only timestep BTD queries.
 - atomic checkpoints every `ckpt_every` steps and at the end, and a loss log CSV.
+- optional data-parallel training through Hugging Face `accelerate` (`train(..., accelerator=...)`,
+  `accelerate launch -m btd.cli train --accelerate ...` for several GPUs or nodes): each step draws
+  ONE global batch of `batch_size x num_processes` from the shared generator (every process holds
+  the same generator state) and each process trains on its slice, so the run is resumable from the
+  same checkpoint format, and with one process it is the plain loop, step for step.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -42,6 +47,9 @@ from btd.diffusion.checkpoint import (
 from btd.diffusion.model import as_patch_tensor, build_diffusion, check_model_size, diffusion_loss
 from btd.diffusion.timesteps import TimestepSampler, make_sampler
 from btd.errors import BTDConfigError, BTDInputError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOSS_LOG_NAME = "loss_log.csv"
@@ -313,26 +321,51 @@ class ValidationSet:
 
 
 def _draw_batch(
-    patches: torch.Tensor, config: TrainConfig, sampler: TimestepSampler, gen: torch.Generator
+    patches: torch.Tensor,
+    config: TrainConfig,
+    sampler: TimestepSampler,
+    gen: torch.Generator,
+    world: int = 1,
+    rank: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch, timesteps and noise, in a fixed draw order from the run's generator."""
-    index = torch.randint(0, len(patches), (config.batch_size,), generator=gen)
+    """Batch, timesteps and noise, in a fixed draw order from the run's generator.
+
+    With `world` processes the global batch of `batch_size * world` is drawn and this process
+    (`rank`) keeps its slice; world = 1 is the single-process draw exactly.
+    """
+    n = config.batch_size * world
+    index = torch.randint(0, len(patches), (n,), generator=gen)
     batch = patches[index]
     if config.hflip:
-        flip = torch.rand(config.batch_size, generator=gen) < 0.5
+        flip = torch.rand(n, generator=gen) < 0.5
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-    times = sampler(config.batch_size, gen)
+    times = sampler(n, gen)
     noise = torch.randn(batch.shape, generator=gen)
-    return batch, times, noise
+    mine = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
+    return batch[mine], times[mine], noise[mine]
 
 
-def _train_step(state: _State, config: TrainConfig, batch, times, noise) -> torch.Tensor:
+def _train_step(
+    state: _State,
+    config: TrainConfig,
+    batch,
+    times,
+    noise,
+    forward: torch.nn.Module | None = None,
+    accelerator: Accelerator | None = None,
+) -> torch.Tensor:
+    """One optimiser step; `forward` is the (accelerate-wrapped) model to call, default the model."""
     device = state.diffusion.betas.device
     state.diffusion.train()
-    loss = diffusion_loss(state.diffusion, batch.to(device), times.to(device), noise.to(device))
+    model = forward if forward is not None else state.diffusion
+    loss = diffusion_loss(model, batch.to(device), times.to(device), noise.to(device))
     state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(state.diffusion.parameters(), config.max_grad_norm)
+    if accelerator is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(state.diffusion.parameters(), config.max_grad_norm)
+    else:
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(state.diffusion.parameters(), config.max_grad_norm)
     state.optimizer.step()
     state.ema.update()
     return loss.detach()
@@ -373,6 +406,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    accelerator: Accelerator | None = None,
 ) -> TrainResult:
     """Train (or resume training) a DDPM on [0, 1] patches (N, 1, P, P).
 
@@ -380,9 +414,14 @@ def train(
     `out_dir/loss_log.csv`. With `resume=True` an existing checkpoint there is continued (config
     must match except `steps`, `val_every`, `ckpt_every`, `device`); `resume=False` starts afresh.
     `on_step(step)` is called after every step (progress hooks; tests use it to interrupt).
+    `accelerator` (an `accelerate.Accelerator`) trains data-parallel on its device(s): the
+    per-process batch is `batch_size`, the main process validates and writes the files.
     """
     config.validate()
-    device = resolve_device(config.device)
+    device = accelerator.device if accelerator is not None else resolve_device(config.device)
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    is_main = accelerator.is_main_process if accelerator is not None else True
     out_dir = Path(out_dir)
     ckpt_path, csv_path = out_dir / CHECKPOINT_NAME, out_dir / LOSS_LOG_NAME
     patches = as_patch_tensor(train_patches, config.image_size, "train_patches")
@@ -397,6 +436,9 @@ def train(
         ckpt = load_checkpoint(ckpt_path, expected=config.to_dict())
         _check_resumable(ckpt_path, ckpt["config"], config)
         _restore(state, ckpt, ckpt_path)
+    forward = None
+    if accelerator is not None:
+        forward, state.optimizer = accelerator.prepare(state.diffusion, state.optimizer)
     start_step = state.step
     sampler = config.sampler()
     t0 = time.perf_counter()
@@ -405,32 +447,39 @@ def train(
     bar = tqdm(
         total=config.steps,
         initial=min(state.step, config.steps),
-        disable=not progress,
+        disable=not (progress and is_main),
         desc="train ddpm",
     )
     while state.step < config.steps:
-        batch, times, noise = _draw_batch(patches, config, sampler, state.generator)
-        running += _train_step(state, config, batch, times, noise)
+        batch, times, noise = _draw_batch(patches, config, sampler, state.generator, world, rank)
+        running += _train_step(state, config, batch, times, noise, forward, accelerator)
         state.step += 1
         state.loss_count += 1
         at_end = state.step == config.steps
         if state.step % config.val_every == 0 or state.step % config.ckpt_every == 0 or at_end:
+            if accelerator is not None and world > 1:  # mean over processes
+                running = accelerator.reduce(running, reduction="mean")
             state.loss_sum += float(running)  # sync with the device only here
             running.zero_()
         if state.step % config.val_every == 0 or at_end:
-            entry = _log_entry(state, config, val, wall0 + time.perf_counter() - t0)
+            entry = _log_entry(
+                state, config, val if is_main else None, wall0 + time.perf_counter() - t0
+            )
             state.loss_log.append(entry)
             bar.set_postfix(loss=f"{entry['train_loss']:.4f}", val=f"{entry['val_loss']:.4f}")
         if state.step % config.ckpt_every == 0 or at_end:
-            save_checkpoint(ckpt_path, _checkpoint_state(state, config))
-            write_loss_log(csv_path, state.loss_log)
+            if is_main:
+                save_checkpoint(ckpt_path, _checkpoint_state(state, config))
+                write_loss_log(csv_path, state.loss_log)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
         bar.update(1)
         if on_step is not None:
             on_step(state.step)
     bar.close()
-    if not ckpt_path.exists():  # resumed a run that had already finished elsewhere
+    if is_main and not ckpt_path.exists():  # resumed a run that had already finished elsewhere
         save_checkpoint(ckpt_path, _checkpoint_state(state, config))
-    if not csv_path.exists():
+    if is_main and not csv_path.exists():
         write_loss_log(csv_path, state.loss_log)
     state.ema.ema_model.eval()
     return TrainResult(

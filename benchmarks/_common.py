@@ -1,0 +1,58 @@
+"""Shared timing and machine-description helpers of the benchmark scripts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from btd.diffusion.checkpoint import library_version
+
+
+def timed(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int
+) -> dict[str, dict[str, list[float]]]:
+    """Wall and CPU seconds per call, round-robin over `fns` so load drifts hit all alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    out = {name: {"wall_s": [], "cpu_s": []} for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            sync()
+            out[name]["wall_s"].append(time.perf_counter() - w0)
+            out[name]["cpu_s"].append(time.process_time() - c0)
+    return out
+
+
+def machine_info(device: torch.device) -> dict[str, object]:
+    """Where the numbers came from."""
+    info: dict[str, object] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": str(torch.__version__),
+        "torch_threads": torch.get_num_threads(),
+        "denoising_diffusion_pytorch": library_version(),
+        "device": str(device),
+        "load_avg_1min": os.getloadavg()[0],
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,133 @@
+"""Wall time of each pipeline stage and the peak memory of a whole `dvc repro`.
+
+Runs `dvc repro` (extra arguments are passed on, e.g. `--force` or a stage name), stamps every output
+line with the wall clock into a log, samples the resident memory of the whole process tree every
+`--interval` seconds, and writes per-stage seconds (from DVC's "Running stage" lines) to JSON.
+`--from-log LOG` re-reads a log written earlier (lines "HH:MM:SS text") instead of running.
+
+    python benchmarks/pipeline_times.py --log /tmp/repro.log            # the default profile
+    python benchmarks/pipeline_times.py --from-log /tmp/repro.log --rss-log /tmp/rss.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import threading
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import psutil
+
+from btd.atomic import write_json
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "pipeline_times.json"
+STAGE = re.compile(r"Running stage '([^']+)'")
+SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+
+
+def tree_rss_mb(proc: psutil.Process) -> float:
+    """Resident memory of a process and all its children (MB)."""
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+def run_repro(extra: list[str], log: Path, rss_log: Path, interval: float) -> None:
+    """`dvc repro` with time-stamped output and a process-tree RSS sampler."""
+    proc = subprocess.Popen(["dvc", "repro", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
+    parent = psutil.Process(proc.pid)
+    done = threading.Event()
+
+    def sample() -> None:
+        with open(rss_log, "w") as fh:
+            while not done.is_set():
+                fh.write(f"{time.strftime('%H:%M:%S')} {tree_rss_mb(parent):.0f}\n")
+                fh.flush()
+                done.wait(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with open(log, "w") as fh:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            fh.write(f"{time.strftime('%H:%M:%S')} {line}")
+    proc.wait()
+    done.set()
+    sampler.join()
+    if proc.returncode:
+        raise SystemExit(f"dvc repro failed (exit {proc.returncode}); see {log}")
+
+
+def _clock(stamp: str, day: datetime) -> datetime:
+    t = datetime.strptime(stamp, "%H:%M:%S").time()
+    return datetime.combine(day.date(), t)
+
+
+def stage_seconds(log: Path) -> tuple[dict[str, float], list[str], float]:
+    """Per-stage seconds (start of a stage to the start of the next / the last line), skipped
+    stages, and the whole run's seconds, from a time-stamped log (midnight roll-over handled)."""
+    events: list[tuple[datetime, str | None]] = []
+    skipped: list[str] = []
+    day, last = datetime(2000, 1, 1), None
+    for raw in log.read_text(errors="replace").splitlines():
+        if len(raw) < 9 or raw[2] != ":" or raw[5] != ":":
+            continue
+        t = _clock(raw[:8], day)
+        if last is not None and t < last:  # past midnight
+            day += timedelta(days=1)
+            t += timedelta(days=1)
+        last = t
+        if m := STAGE.search(raw):
+            events.append((t, m.group(1)))
+        elif m := SKIPPED.search(raw):
+            skipped.append(m.group(1))
+    if last is None:
+        raise SystemExit(f"{log}: no time-stamped lines")
+    events.append((last, None))
+    first = events[0][0]
+    out = {name: (events[i + 1][0] - t).total_seconds()
+           for i, (t, name) in enumerate(events[:-1])}  # fmt: skip
+    return out, skipped, (last - first).total_seconds()
+
+
+def peak_rss(rss_log: Path) -> float | None:
+    """The largest sampled value (MB) of an RSS log ("HH:MM:SS MB" lines)."""
+    if not rss_log.is_file():
+        return None
+    values = [float(line.split()[1]) for line in rss_log.read_text().splitlines() if line.strip()]
+    return max(values) if values else None
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    """Run (or re-read) and write the JSON."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--log", type=Path, default=Path("repro.log"), help="where the run's log goes")
+    p.add_argument("--rss-log", type=Path, help="RSS samples (default: beside --log)")
+    p.add_argument("--from-log", type=Path, help="parse this log instead of running dvc repro")
+    p.add_argument("--interval", type=float, default=5.0, help="RSS sampling period (s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args, extra = p.parse_known_args(argv)
+    log = args.from_log or args.log
+    rss_log = args.rss_log or log.with_suffix(".rss.log")
+    if args.from_log is None:
+        run_repro(extra, log, rss_log, args.interval)
+    stages, skipped, total = stage_seconds(log)
+    report = {"stage_seconds": stages, "skipped": skipped, "total_seconds": total,
+              "peak_rss_mb": peak_rss(rss_log), "dvc_repro_args": extra}  # fmt: skip
+    write_json(args.out, report)
+    for name, sec in stages.items():
+        print(f"{name:>16}: {sec / 60:6.1f} min")
+    print(f"{'total':>16}: {total / 60:6.1f} min; peak RSS {report['peak_rss_mb']} MB")
+    return report
+
+
+if __name__ == "__main__":
+    main()
