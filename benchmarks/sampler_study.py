@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="", help="suffix of the output files (parallel runs)")
+    p.add_argument("--merge", nargs="*", help="combine these tagged JSONs into the main report")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge([Path(f) for f in args.merge])
     torch.set_num_threads(args.threads)
     window = int(yaml.safe_load((paths.ROOT / "params.yaml").read_text())["detect"]["ct_window"])
     sets = validation_fakes(args.n_fakes, args.seed)
@@ -127,7 +130,25 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     rows = []
     for sampler in args.samplers.split(","):
         rows += run_sampler(sampler, args, sets, window, train_x)
-    table = pd.DataFrame(rows)
+    report = {"rows": rows, "settings": vars(args), "machine": machine_info(torch.device("cpu"))}
+    write_report(report, args.tag)
+    return report
+
+
+def merge(files: list[Path]) -> dict[str, object]:
+    """One report from runs of single samplers made in parallel (`--tag`)."""
+    import json
+
+    parts = [json.loads(f.read_text()) for f in files]
+    report = {"rows": [r for p in parts for r in p["rows"]],
+              "settings": [p["settings"] for p in parts], "machine": parts[0]["machine"]}  # fmt: skip
+    write_report(report, "")
+    return report
+
+
+def write_report(report: dict, tag: str) -> None:
+    """JSON and the AUC-vs-training-time figure."""
+    table = pd.DataFrame(report["rows"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
     for ax, attack in zip(axes, ("inject", "remove"), strict=True):
         for sampler, g in table.groupby("sampler"):
@@ -137,11 +158,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     axes[0].set_ylabel("BTD AUC")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(OUT / f"sampler_study{args.tag}.png", dpi=120)
-    report = {"rows": rows, "settings": vars(args), "machine": machine_info(torch.device("cpu"))}
-    write_json(OUT / f"sampler_study{args.tag}.json", report)
+    fig.savefig(OUT / f"sampler_study{tag}.png", dpi=120)
+    plt.close(fig)
+    write_json(OUT / f"sampler_study{tag}.json", report)
     print(table.to_string(index=False))
-    return report
 
 
 if __name__ == "__main__":

@@ -108,7 +108,9 @@ def render(root: Path) -> str:
         "`results/tables/table1.csv` and `table3.csv` of the committed default run.",
         table1_markdown(t1, paper),
         summary_line(t1),
-        "Table 3, d = 1 (one step; B = backward only, BTD; F&B = forward then backward):",
+        "Table 3, d = 1 (one step; B = backward only, BTD; F&B = forward then backward). The "
+        "ablations score a random subsample (`ablations.per_class` per class), so B d=1 differs "
+        "from Table 1's BTD by sampling:",
         table3_markdown(t3, paper),
     ])  # fmt: skip
 
@@ -229,6 +231,10 @@ def pipeline_markdown(r: dict) -> str:
     lines = ["| stage | minutes |", "|---|---|"]
     lines += [f"| {k} | {v / 60:.1f} |" for k, v in r["stage_seconds"].items()]
     lines.append(f"| **total** | **{r['total_seconds'] / 60:.1f}** |")
+    if r.get("resumed_training_seconds"):
+        lines.append(
+            f"| total with the DDPMs trained from scratch | {r['from_scratch_estimate_seconds'] / 60:.1f} |"
+        )
     if r.get("peak_rss_mb"):
         lines.append(f"\nPeak memory: {r['peak_rss_mb'] / 1024:.1f} GB.")
     if r.get("note"):
