@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "times replace an earlier one's: stages re-run after a change)",
     )
     p.add_argument("--interval", type=float, default=5.0, help="RSS sampling period (s)")
+    p.add_argument("--note", help="free text stored with the report (how the logs were made)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args, extra = p.parse_known_args(argv)
     logs = args.from_log or [args.log]
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         skipped += k
     resumed = resumed_training(stages)
     total = sum(stages.values())
-    report = {"stage_seconds": stages, "skipped": skipped, "total_seconds": total,
+    report = {"stage_seconds": stages, "stage_order": list(stages), "skipped": skipped,
+              "total_seconds": total,
               "resumed_training_seconds": resumed,
               "from_scratch_estimate_seconds": total + sum(resumed.values()),
               "peak_rss_mb": peak_rss(rss_log), "logs": [str(p) for p in logs],
@@ -162,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             + ", ".join(f"{k} {v:.0f} s" for k, v in resumed.items())
             + "."
         )
+    if args.note:
+        report["note"] = " ".join(filter(None, [args.note, report.get("note")]))
     write_json(args.out, report)
     for name, sec in stages.items():
         print(f"{name:>16}: {sec / 60:6.1f} min")

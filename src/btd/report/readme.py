@@ -199,7 +199,7 @@ def fast_scoring_markdown(r: dict) -> str:
         "| variant | patches/s | speed-up | Spearman vs fp32 | keeps ranking (>= 0.999) |",
         "|---|---|---|---|---|",
     ]
-    for name, v in r["results"].items():
+    for name, v in sorted(r["results"].items(), key=lambda kv: kv[1]["speedup_over_reference_b16"]):
         rank = v.get("ranking")
         rho = f"{rank['spearman']:.5f}" if rank else "reference"
         ok = ("yes" if rank["passes"] else "**no**") if rank else ""
@@ -229,7 +229,8 @@ def training_markdown(r: dict) -> str:
 def pipeline_markdown(r: dict) -> str:
     """Wall time per stage of a `dvc repro`."""
     lines = ["| stage | minutes |", "|---|---|"]
-    lines += [f"| {k} | {v / 60:.1f} |" for k, v in r["stage_seconds"].items()]
+    order = r.get("stage_order") or list(r["stage_seconds"])  # JSON keys are sorted on write
+    lines += [f"| {k} | {r['stage_seconds'][k] / 60:.1f} |" for k in order]
     lines.append(f"| **total** | **{r['total_seconds'] / 60:.1f}** |")
     if r.get("resumed_training_seconds"):
         lines.append(
