@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from btd import profiles
 
@@ -87,7 +88,9 @@ def test_train_ddpm_outputs_are_sane(tiny_run: Path) -> None:
             cal = Calibration.load(folder / f"calibration_{task}.json")
             assert np.isfinite(cal.threshold) and cal.threshold > 0 and cal.target_fpr == 0.1
         metrics = json.loads((tiny_run / f"metrics/train_ddpm_{modality}.json").read_text())
-        assert metrics["steps"] == 20 and metrics["timestep_sampler"] == "low_t"
+        params = yaml.safe_load((tiny_run / "params.yaml").read_text())["ddpm"]
+        assert metrics["steps"] == 20 and metrics["timestep_sampler"] == params["timestep_sampler"]
+        assert metrics["train_seconds"] > 0 and metrics["steps_per_second"] > 0
 
 
 def test_deepfake_score_and_result_outputs_are_sane(tiny_run: Path) -> None:
