@@ -10,7 +10,9 @@ from collections.abc import Callable
 
 import torch
 
+from btd.diffusion import build_diffusion, load_detector
 from btd.diffusion.checkpoint import library_version
+from btd.diffusion.train import resolve_device
 
 
 def timed(
@@ -56,3 +58,22 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def setup_model(args) -> tuple[object, torch.device, dict[str, object]]:
+    """Threads and device from `args`, then the model: `args.checkpoint` (EMA weights) if given,
+    else a seeded random model of `args.image_size`, `args.dim`, `args.dim_mults` ('1,2,4').
+    Returns (diffusion in eval mode, device, the model description for the report)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.checkpoint:
+        diffusion, cfg = load_detector(args.checkpoint, device)
+        size, dim, mults = cfg.image_size, cfg.dim, tuple(cfg.dim_mults)
+    else:
+        size, dim = args.image_size, args.dim
+        mults = tuple(int(m) for m in args.dim_mults.split(","))
+        diffusion = build_diffusion(size, dim, mults, seed=0).to(device).eval()
+    model = {"image_size": size, "dim": dim, "dim_mults": list(mults),
+             "checkpoint": str(args.checkpoint) if args.checkpoint else None}  # fmt: skip
+    return diffusion, device, model

@@ -23,15 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import machine_info, peak_rss_mb, timed
+from _common import machine_info, peak_rss_mb, setup_model, timed
 from tqdm.auto import tqdm
 
 from btd.atomic import write_json
 from btd.attacks.testsets import load_testset
 from btd.detect import score
 from btd.detect.fast import FastOptions, FastScorer, ranking_check
-from btd.diffusion import build_diffusion, load_detector
-from btd.diffusion.train import resolve_device
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "fast_scoring.json"
 
@@ -108,16 +106,8 @@ def profile_reference(diffusion, x: np.ndarray) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> dict[str, object]:
     """Time every variant, check its ranking, write the JSON report."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    if args.checkpoint:
-        diffusion, cfg = load_detector(args.checkpoint, device)
-        size, dim, mults = cfg.image_size, cfg.dim, tuple(cfg.dim_mults)
-    else:
-        size, dim = args.image_size, args.dim
-        mults = tuple(int(m) for m in args.dim_mults.split(","))
-        diffusion = build_diffusion(size, dim, mults, seed=0).to(device).eval()
+    diffusion, device, model = setup_model(args)
+    size = model["image_size"]
     x_rank, source = testset_patches(args.testset, size, args.n_rank)
     x = x_rank[: args.n_patches]
     if len(x) < args.n_patches:
@@ -146,8 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     passing = [n for n in names if results[n]["ranking"]["passes"]]
     best = max(passing, key=lambda n: results[n]["patches_per_s"]) if passing else None
     report: dict[str, object] = {
-        "model": {"image_size": size, "dim": dim, "dim_mults": list(mults),
-                  "checkpoint": str(args.checkpoint) if args.checkpoint else None},
+        "model": model,
         "ranking_set": source,
         "settings": {"n_patches": len(x), "repeats": args.repeats, "warmup": args.warmup},
         "results": results,

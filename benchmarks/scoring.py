@@ -27,14 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import machine_info, peak_rss_mb, timed
+from _common import machine_info, peak_rss_mb, setup_model, timed
 
 from btd.atomic import write_json
 from btd.baselines.ood_ddpm import OODDDPM
 from btd.detect import score
 from btd.detect.fast import FastOptions, FastScorer
-from btd.diffusion import build_diffusion, load_detector
-from btd.diffusion.train import resolve_device
 
 #: OOD-DDPM's original start points (MONAI PNDM, 100 steps, inference_skip_factor 4) and step spacing
 ORIGINAL_OOD_T_STARTS = tuple(range(10, 1000, 40))
@@ -84,16 +82,8 @@ def _summary(t: dict[str, list[float]], n: int) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> dict[str, object]:
     """Run the measurements and write the JSON report."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    if args.checkpoint:
-        diffusion, config = load_detector(args.checkpoint, device)
-        size, dim, mults = config.image_size, config.dim, tuple(config.dim_mults)
-    else:
-        size, dim = args.image_size, args.dim
-        mults = tuple(int(m) for m in args.dim_mults.split(","))
-        diffusion = build_diffusion(size, dim, mults, seed=0).to(device).eval()
+    diffusion, device, model = setup_model(args)
+    size = model["image_size"]
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.random((args.n_patches, 1, size, size), dtype=np.float32))
     fast = FastScorer(diffusion, FastOptions(batch_size=args.batch_size))
@@ -132,8 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         return results[a][key] / results[b][key]
 
     report = {
-        "model": {"image_size": size, "dim": dim, "dim_mults": list(mults),
-                  "checkpoint": str(args.checkpoint) if args.checkpoint else None},
+        "model": model,
         "settings": {"n_patches": args.n_patches, "batch_size": args.batch_size,
                      "repeats": args.repeats, "warmup": args.warmup, "fb_steps": args.fb_steps,
                      "ood_patches": len(xo), "ood_unet_calls_per_patch": calls,
