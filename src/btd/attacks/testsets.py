@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from btd.atomic import default_mode
 from btd.errors import BTDConfigError, BTDInputError
 
 SCENARIOS = (
@@ -202,6 +203,7 @@ def write_testset(
     validate_testset(images, masks, meta, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    os.chmod(tmp, default_mode(directory=True))
     old = None
     try:
         np.save(tmp / "images.npy", np.asarray(images, dtype=np.float32))

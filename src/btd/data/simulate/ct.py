@@ -24,6 +24,7 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy import ndimage
 
+from btd.data.simulate import portable as pm
 from btd.data.records import ScanVolume, Tumour
 from btd.data.simulate.nps import paired_noise_rois
 from btd.data.simulate.protocols import CTScanner
@@ -87,8 +88,8 @@ def _project(mu_px: np.ndarray, geom: _Geometry) -> np.ndarray:
     offset = np.float32(((n_det - 1) / 2.0 + _MARGIN) * _SUB)
     n_views = len(theta)
     fine = np.zeros((n_views, n_fine), dtype=np.float64)
-    cos = (np.cos(theta) / step).astype(np.float32)
-    sin = (np.sin(theta) / step).astype(np.float32)
+    cos = (pm.cos(theta) / step).astype(np.float32)
+    sin = (pm.sin(theta) / step).astype(np.float32)
     for v0 in range(0, n_views, _VIEW_BATCH):
         v1 = min(v0 + _VIEW_BATCH, n_views)
         pos = xs[None, :] * cos[v0:v1, None] + ys[None, :] * sin[v0:v1, None] + offset
@@ -114,10 +115,10 @@ def _projector_transfer(n_views: int, n_fine: int, pitch: float, blur_bins: floa
     theta = np.arange(n_views) * (np.pi / n_views)
     nu = np.fft.rfftfreq(n_fine, d=pitch / _SUB)[None, :]  # cycles per pixel
     return (
-        np.sinc(nu * np.abs(np.cos(theta))[:, None])
-        * np.sinc(nu * np.abs(np.sin(theta))[:, None])
-        * np.sinc(nu * pitch)
-        * np.exp(-2.0 * (np.pi * blur_bins * pitch * nu) ** 2)
+        pm.sinc(nu * np.abs(pm.cos(theta))[:, None])
+        * pm.sinc(nu * np.abs(pm.sin(theta))[:, None])
+        * pm.sinc(nu * pitch)
+        * pm.exp(-2.0 * (np.pi * blur_bins * pitch * nu) ** 2)
     )
 
 
@@ -126,20 +127,20 @@ def _kernel_window(kernel: str, f: np.ndarray) -> np.ndarray:
     if kernel == "ramp":
         return np.ones_like(f)
     if kernel == "shepp-logan":
-        return np.sinc(f)
+        return pm.sinc(f)
     if kernel == "cosine":
-        return np.cos(np.pi * f)
+        return pm.cos(np.pi * f)
     if kernel == "hamming":
-        return 0.54 + 0.46 * np.cos(2 * np.pi * f)
+        return 0.54 + 0.46 * pm.cos(2 * np.pi * f)
     if kernel == "hann":
-        return 0.5 + 0.5 * np.cos(2 * np.pi * f)
+        return 0.5 + 0.5 * pm.cos(2 * np.pi * f)
     raise BTDConfigError("kernel", f"unknown CT kernel '{kernel}'")
 
 
 @lru_cache(maxsize=32)
 def _fbp_filter(n_det: int, pitch: float, kernel: str) -> tuple[int, np.ndarray]:
     """Fourier filter of the discrete Ram-Lak ramp (spatial form: correct DC) times the window."""
-    n_pad = max(64, int(2 ** np.ceil(np.log2(2 * n_det))))
+    n_pad = max(64, int(2 ** np.ceil(pm.log2(2 * n_det))))
     n = np.concatenate([np.arange(0, n_pad // 2 + 1), np.arange(-n_pad // 2 + 1, 0)])
     h = np.zeros(n_pad)
     h[0] = 0.25
@@ -170,8 +171,8 @@ def _fbp(sino: np.ndarray, geom: _Geometry, kernel: str) -> np.ndarray:
     flat = up.ravel()
     ax = np.arange(size, dtype=np.float32) - np.float32((size - 1) / 2.0)
     scale = np.float32(_SUB / pitch)
-    cos = np.cos(theta).astype(np.float32) * scale
-    sin = np.sin(theta).astype(np.float32) * scale
+    cos = pm.cos(theta).astype(np.float32) * scale
+    sin = pm.sin(theta).astype(np.float32) * scale
     centre = np.float32((n_det - 1) / 2.0 * _SUB + 0.5)  # +0.5: truncation rounds to nearest
     out = np.zeros((size, size), dtype=np.float32)
     for v0 in range(0, n_views, _VIEW_BATCH):
@@ -195,7 +196,7 @@ def _fan_layout(geom: _Geometry) -> tuple[float, float, int, float, int]:
     r_fov = geom.n_det * geom.pitch / 2.0
     radius = _FAN_RADIUS * r_fov
     d_gamma = geom.pitch / radius
-    gamma_max = np.arcsin(r_fov / radius)
+    gamma_max = pm.arcsin(r_fov / radius)
     n_half = int(np.ceil(gamma_max / d_gamma)) + 2
     d_beta = np.pi / geom.n_views
     n_extra = int(np.ceil(gamma_max / d_beta)) + 2
@@ -211,7 +212,7 @@ def _parallel_to_fan(par: np.ndarray, geom: _Geometry) -> np.ndarray:
     # p(theta + pi, t) = p(theta, -t): extend the sinogram to theta in [-pi, 2 pi).
     ext = np.concatenate([par[:, ::-1], par, par[:, ::-1]], axis=0)
     theta_idx = (beta[:, None] + gamma[None, :]) / d_beta + geom.n_views
-    t_idx = np.broadcast_to(radius * np.sin(gamma) / geom.pitch + geom.det_centre, theta_idx.shape)
+    t_idx = np.broadcast_to(radius * pm.sin(gamma) / geom.pitch + geom.det_centre, theta_idx.shape)
     return ndimage.map_coordinates(ext, [theta_idx, t_idx], order=1, mode="nearest")
 
 
@@ -220,7 +221,7 @@ def _fan_to_parallel(fan: np.ndarray, geom: _Geometry) -> np.ndarray:
     radius, d_gamma, n_gamma, beta0, _ = _fan_layout(geom)
     d_beta = np.pi / geom.n_views
     t = (np.arange(geom.n_det) - geom.det_centre) * geom.pitch
-    gamma = np.arcsin(np.clip(t / radius, -1.0, 1.0))
+    gamma = pm.arcsin(np.clip(t / radius, -1.0, 1.0))
     beta = geom.theta[:, None] - gamma[None, :]
     beta_idx = (beta - beta0) / d_beta
     gamma_idx = np.broadcast_to(gamma / d_gamma + (n_gamma - 1) / 2.0, beta_idx.shape)
@@ -231,11 +232,11 @@ def _measure(
     p: np.ndarray, photons: float, electronic: float, rng: np.random.Generator
 ) -> np.ndarray:
     """Line integrals -> detected counts (Poisson + Gaussian read noise, >= 1) -> -log."""
-    expected = photons * np.exp(-p)
+    expected = photons * pm.exp(-p)
     counts = rng.poisson(expected).astype(np.float64)
     if electronic > 0:
         counts += rng.normal(0.0, electronic, size=counts.shape)
-    return np.log(photons) - np.log(np.maximum(counts, 1.0))
+    return pm.log(photons) - pm.log(np.maximum(counts, 1.0))
 
 
 def hu_to_mu(hu: np.ndarray, mu_water_per_mm: float) -> np.ndarray:
@@ -469,7 +470,7 @@ def _ellipse_level(dx, dy, a: float, b: float, mod=None) -> np.ndarray:
 def _angular_mod(phi: np.ndarray, harm: tuple[tuple[float, float], ...]) -> np.ndarray:
     out = np.ones_like(phi)
     for k, (amp, phase) in zip((2, 3, 4), harm, strict=True):
-        out += amp * np.cos(k * phi + phase)
+        out += amp * pm.cos(k * phi + phase)
     return out
 
 
@@ -507,7 +508,7 @@ class _Canvas:
             return None, None
         dx, dy = self.x[:, box[1]] - cx, self.y[box[0], :] - cy
         if angle:
-            c, s = np.cos(angle), np.sin(angle)
+            c, s = pm.cos(angle), pm.sin(angle)
             dx, dy = c * dx + s * dy, -s * dx + c * dy
         return box, _cov(_ellipse_level(dx, dy, a, b), self.pix)
 
@@ -529,11 +530,11 @@ def _slice_anatomy(
     grow = 0.82 + 0.3 * _smoothstep((level - 0.15) / 0.7)  # lungs widen towards the base
     cav_a, cav_b = c.cav_a * grow, c.cav_b * (0.9 + 0.1 * grow)
     dx, dy = x - c.x0, y - c.y0
-    phi = np.arctan2(dy, dx)
+    phi = pm.arctan2(dy, dx)
     sin_post = np.clip(dy / (np.sqrt(dx * dx + dy * dy) + 1e-6), 0.0, 1.0)  # 1 = posterior
     cav = _ellipse_level(dx, dy, cav_a, cav_b, _angular_mod(phi, c.cav_harm))
     rib_out = cav - c.rib_depth
-    muscle_out = rib_out - (c.muscle + (c.muscle_post - c.muscle) * sin_post**3)
+    muscle_out = rib_out - (c.muscle + (c.muscle_post - c.muscle) * sin_post * sin_post * sin_post)
     body = np.maximum(
         muscle_out - c.fat * _angular_mod(phi, c.fat_harm),
         y - (c.y0 + cav_b + c.rib_depth + c.muscle_post + 4.0),
@@ -560,7 +561,7 @@ def _ribs(cv: _Canvas, chest: _Chest, dx, dy, cav, rib_out, z: float, cav_b: flo
     idx = np.nonzero(ring_full > 0)
     ring = ring_full[idx]
     ddx, ddy = np.broadcast_to(dx, cav.shape)[idx], np.broadcast_to(dy, cav.shape)[idx]
-    ang = np.arctan2(np.abs(ddx), ddy)  # 0 = posterior midline, pi = anterior midline
+    ang = pm.arctan2(np.abs(ddx), ddy)  # 0 = posterior midline, pi = anterior midline
     s = np.mod(
         z
         + np.where(ddx < 0, c.rib_phase[0], c.rib_phase[1])
@@ -620,7 +621,7 @@ def _mediastinal_shapes(chest: _Chest, level: float, cav_b: float) -> list[_Shap
     arch = _dome(level, c.arch_level - 0.025, c.arch_level + 0.025, 0.02)
     if arch > 0:  # the arch joins the ascending and descending aorta
         half = 0.5 * np.hypot(dx - ax, dy - ay) * arch + c.aorta_r
-        ang = float(np.arctan2(dy - ay, dx - ax))
+        ang = float(pm.arctan2(dy - ay, dx - ax))
         shapes.append(((ax + dx) / 2, (ay + dy) / 2, half, c.aorta_r, ang, blood))
     if level > c.arch_level:
         shapes.append((ax, ay, 1.2 * c.aorta_r, 1.2 * c.aorta_r, 0.0, blood))
@@ -750,7 +751,7 @@ def _texture(rng: np.random.Generator, shape: tuple[int, int, int], pix: float, 
     fy = np.fft.fftfreq(shape[1], d=pix)[None, :, None]
     fx = np.fft.rfftfreq(shape[2], d=pix)[None, None, :]
     f2 = (fz**2 + fy**2 + fx**2).astype(np.float32)
-    gain = np.exp(-2.0 * np.pi**2 * 1.0**2 * f2) + 3.0 * np.exp(-2.0 * np.pi**2 * 4.0**2 * f2)
+    gain = pm.exp(-2.0 * np.pi**2 * 1.0**2 * f2) + 3.0 * pm.exp(-2.0 * np.pi**2 * 4.0**2 * f2)
     tex = sp_fft.irfftn(sp_fft.rfftn(white) * gain, s=shape).astype(np.float32)
     tex /= tex.std() + 1e-6
     return tex
@@ -774,9 +775,9 @@ def _segment_cov(grid: _Grid, p0: np.ndarray, p1: np.ndarray, r0: float, r1: flo
 def _rotate(d: np.ndarray, axis: np.ndarray, angle: float) -> np.ndarray:
     """Rodrigues rotation of d about the unit vector axis."""
     return (
-        d * np.cos(angle)
-        + np.cross(axis, d) * np.sin(angle)
-        + axis * (axis @ d) * (1.0 - np.cos(angle))
+        d * pm.cos(angle)
+        + np.cross(axis, d) * pm.sin(angle)
+        + axis * (axis @ d) * (1.0 - pm.cos(angle))
     )
 
 
@@ -810,7 +811,7 @@ def _grow_tree(
         if r_end < r_min or not z_range[0] <= p1[2] <= z_range[1]:
             continue
         ra = r_end * rng.uniform(0.72, 0.86)
-        rb = (r_end**3 - ra**3) ** (1.0 / 3.0)
+        rb = pm.power(r_end**3 - ra**3, 1.0 / 3.0)
         axis = _unit(np.cross(d, rng.standard_normal(3)))
         for rc, angle in ((ra, rng.uniform(0.17, 0.5)), (rb, -rng.uniform(0.45, 0.95))):
             nd = _unit(_rotate(d, axis, angle) + 0.15 * rng.standard_normal(3))
@@ -851,7 +852,7 @@ def _trees(
                 zr = rng.uniform(-15.0, z_ext + 15.0)
                 root = np.array([mx + side * c.med_w, c.y0 + rng.uniform(-0.25, 0.2) * c.cav_b, zr])
                 ang = rng.uniform(-1.0, 1.0)
-                d = np.array([side * np.cos(ang), np.sin(ang), rng.uniform(-0.8, 0.8)])
+                d = np.array([side * pm.cos(ang), pm.sin(ang), rng.uniform(-0.8, 0.8)])
                 segs = _grow_tree(
                     rng, root, d, rng.uniform(r_lo, r_hi) * s, r_min, inside, z_range, 600
                 )
@@ -923,7 +924,7 @@ def _nodule(
     """Paint one nodule: a rotated, slightly anisotropic ellipsoid with lobes (and spicules)."""
     rot = _random_rotation(rng)
     axes = rng.uniform(0.85, 1.15, 3)
-    axes /= np.prod(axes) ** (1.0 / 3.0)
+    axes /= pm.power(np.prod(axes), 1.0 / 3.0)
     n_lobes, lobe_amp = {"lobulated": (6, (0.12, 0.3)), "spiculated": (4, (0.05, 0.15))}.get(
         kind, (3, (0.0, 0.08))
     )
@@ -943,14 +944,14 @@ def _nodule(
     shape = np.ones_like(rho)
     for v, amp in lobes:
         cos_t = (rot[:, 0] @ v * q[0] + rot[:, 1] @ v * q[1] + rot[:, 2] @ v * q[2]) / rho
-        shape += amp * np.exp((cos_t - 1.0) / width)
+        shape += amp * pm.exp((cos_t - 1.0) / width)
     level = rho - radius * shape
     local_tex = tex[sl]
     solid_hu = rng.uniform(-10.0, 60.0) + 10.0 * local_tex
     region = hu[sl]
     if kind in ("ground-glass", "part-solid"):
         soft = 0.1 * radius + 0.5 * grid.pix
-        cov = 1.0 / (1.0 + np.exp(np.clip(level / soft, -30, 30)))
+        cov = 1.0 / (1.0 + pm.exp(np.clip(level / soft, -30, 30)))
         region += cov * (rng.uniform(-700.0, -400.0) + 25.0 * local_tex - region)
         if kind == "part-solid":
             core = rho - radius * rng.uniform(0.3, 0.6) * shape
@@ -1034,7 +1035,7 @@ def _nodules(rng, hu, grid: _Grid, lung, tex, n_nodules: int, diam: tuple[float,
     placed: list[tuple[np.ndarray, float]] = []
     for _ in range(n_nodules):
         kind = str(rng.choice(NODULE_KINDS, p=_KIND_P))
-        d = float(np.exp(rng.uniform(np.log(diam[0]), np.log(diam[1]))))
+        d = float(pm.exp(rng.uniform(pm.log(diam[0]), pm.log(diam[1]))))
         centre = None
         while centre is None:
             centre = _nodule_centre(rng, grid, lung, d / 2.0, placed)

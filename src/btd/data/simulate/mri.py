@@ -21,6 +21,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage, special
 
+from btd.data.simulate import portable as pm
 from btd.data.records import ScanVolume, Tumour
 from btd.data.simulate.protocols import MRIScanner
 from btd.errors import BTDConfigError, BTDInputError
@@ -185,21 +186,32 @@ def _rot_ellipse(X, Y, cx, cy, a, b, phi) -> np.ndarray:
     """Points inside an ellipse rotated by phi (radians)."""
     if a <= 0 or b <= 0:
         return np.zeros(X.shape, bool)
-    c, s = np.cos(phi), np.sin(phi)
+    c, s = pm.cos(phi), pm.sin(phi)
     u = (X - cx) * c + (Y - cy) * s
     v = -(X - cx) * s + (Y - cy) * c
     return (u / a) ** 2 + (v / b) ** 2 < 1.0
 
 
 def _wobble(u: np.ndarray, v: np.ndarray, harmonics) -> np.ndarray:
-    """Squared radial modulation 1 + sum c_h cos(h theta + phase): a less perfect outline."""
-    e = (u + 1j * v).astype(np.complex64)
-    e /= np.abs(e) + 1e-12
-    acc, p = np.ones(u.shape, np.float32), e * e
+    """Squared radial modulation 1 + sum c_h cos(h theta + phase): a less perfect outline.
+
+    Complex powers in explicit real arithmetic: NumPy's complex multiply fuses (FMA) on some CPUs
+    and not on others, which would change the phantom's edge voxels from machine to machine.
+    """
+    u, v = np.asarray(u, np.float32), np.asarray(v, np.float32)
+    r = np.sqrt(u * u + v * v) + np.float32(1e-12)
+    er, ei = u / r, v / r
+    acc = np.ones(u.shape, np.float32)
+    pr, pi = _cmul(er, ei, er, ei)
     for c, ph in harmonics:
-        acc += c * (p * np.exp(1j * ph)).real
-        p = p * e
+        acc += c * (pr * np.float32(np.cos(ph)) - pi * np.float32(np.sin(ph)))
+        pr, pi = _cmul(pr, pi, er, ei)
     return acc**2
+
+
+def _cmul(ar, ai, br, bi) -> tuple[np.ndarray, np.ndarray]:
+    """(a * b) of complex numbers held as real pairs, without fused multiply-adds."""
+    return ar * br - ai * bi, ar * bi + ai * br
 
 
 def _box(c: np.ndarray, x0: float, x1: float, y0: float, y1: float) -> tuple[slice, slice]:
@@ -258,12 +270,12 @@ def _draw_ribs(lab, body: _Body, zn: float, X, Y, ea, eb, yt, fov_mm: float) -> 
     """Rib and sternum cross-sections on the chest-wall mid-line; oblique ribs come and go."""
     z_mm = zn * fov_mm
     for theta in np.linspace(-1.4, 1.4, 9):
-        px, py = ea * np.sin(theta), yt - eb * np.cos(theta)
-        phi = np.arctan2(eb * np.sin(theta), ea * np.cos(theta))  # tangent direction
+        px, py = ea * pm.sin(theta), yt - eb * pm.cos(theta)
+        phi = pm.arctan2(eb * pm.sin(theta), ea * pm.cos(theta))  # tangent direction
         if abs(theta) < 0.2:
             ra, rb = 0.03, 0.01  # sternum, always present
         else:
-            vis = np.sin(2 * np.pi * z_mm / 30.0 + 2.7 * abs(theta) + body.rib_phase)
+            vis = pm.sin(2 * np.pi * z_mm / 30.0 + 2.7 * abs(theta) + body.rib_phase)
             grow = float(np.clip((vis - 0.2) / 0.5, 0, 1))
             ra, rb = 0.035 * np.sqrt(grow), 0.011 * np.sqrt(grow)
         if ra <= 0.006:
@@ -286,10 +298,10 @@ def _breast_geometry(br: _Breast, body: _Body, zn: float, X, Y, mask, renv) -> N
     win = _box(X[0], br.x - reach, br.x + reach, base - d, base + d)
     x, y = X[win], Y[win]
     Xs = x - br.x - br.shear * np.clip(base - y, 0, None)
-    m = (Xs / w) ** 2 + np.abs((y - base) / d) ** br.p < 1.0
+    m = (Xs / w) ** 2 + pm.power(np.abs((y - base) / d), br.p) < 1.0
     g = br.gland
     gy = base - 0.12 * d
-    r = np.sqrt((Xs / (w * g)) ** 2 + np.abs((y - gy) / (d * g)) ** br.p).astype(np.float32)
+    r = np.sqrt((Xs / (w * g)) ** 2 + pm.power(np.abs((y - gy) / (d * g)), br.p)).astype(np.float32)
     r[~m] = np.inf
     mask[win] |= m
     np.minimum(renv[win], r, out=renv[win])
@@ -486,7 +498,7 @@ def _add_masses(lab, maps, breast, placed, rng, pixel_mm, slice_mm) -> list[Tumo
         ok = breast[sl] & ((sub == FAT) | (sub == FGT) | (sub == VESSEL))
         shape &= ok
         core &= shape
-        t1 = rng.uniform(100.0, 200.0) * np.exp(
+        t1 = rng.uniform(100.0, 200.0) * pm.exp(
             0.1 * np.clip(_local_noise(sub.shape, R, spacing, rng), -2, 2)
         )
         sub[shape] = MASS
@@ -575,8 +587,8 @@ def gre_signal(
     t1f = np.maximum(t1, 1e-3) * r**T1_FIELD_EXP
     t2f = np.maximum(t2s, 1e-3) * r ** (-T2S_FIELD_EXP)
     a = np.deg2rad(scanner.flip_deg)
-    e1 = np.exp(-scanner.tr_ms / t1f)
-    s = pd * np.sin(a) * (1 - e1) / (1 - np.cos(a) * e1) * np.exp(-scanner.te_ms / t2f)
+    e1 = pm.exp(-scanner.tr_ms / t1f)
+    s = pd * pm.sin(a) * (1 - e1) / (1 - pm.cos(a) * e1) * pm.exp(-scanner.te_ms / t2f)
     return (s * r).astype(np.float32)
 
 
@@ -595,11 +607,11 @@ def _window(kind: str, k: np.ndarray, m: int) -> np.ndarray:
     """Apodisation over centred k-space indices k of an m-line acquisition."""
     x = np.abs(k) / (m / 2.0)  # 0 at DC, 1 at the edge
     if kind == "hamming":
-        return 0.54 + 0.46 * np.cos(np.pi * x)
+        return 0.54 + 0.46 * pm.cos(np.pi * x)
     if kind == "tukey":
         alpha = 0.5
         edge = np.clip((x - (1 - alpha)) / alpha, 0, 1)
-        return 0.5 * (1 + np.cos(np.pi * edge))
+        return 0.5 * (1 + pm.cos(np.pi * edge))
     return np.ones_like(x)
 
 
@@ -649,18 +661,18 @@ def coil_maps(n_coils: int, size: int) -> np.ndarray:
     c = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
     X, Y = np.meshgrid(c, c)
     if n_coils == 1:
-        maps = np.exp(1j * (0.4 + 0.8 * X - 0.5 * Y))[None]
+        maps = pm.exp(1j * (0.4 + 0.8 * X - 0.5 * Y))[None]
     else:
         r0 = 0.10 + 0.25 / np.sqrt(n_coils)
         ang = 2 * np.pi * (np.arange(n_coils) + 0.5) / n_coils
-        cx, cy = 0.47 * np.sin(ang), -0.12 - 0.36 * np.cos(ang)
+        cx, cy = 0.47 * pm.sin(ang), -0.12 - 0.36 * pm.cos(ang)
         maps = []
         for i in range(n_coils):
             d2 = (X - cx[i]) ** 2 + (Y - cy[i]) ** 2
-            mag = (r0**2 / (r0**2 + d2)) ** 1.5
-            maps.append(mag * np.exp(1j * (ang[i] + 2.5 * np.sqrt(d2))))
+            mag = pm.power(r0**2 / (r0**2 + d2), 1.5)
+            maps.append(mag * pm.exp(1j * (ang[i] + 2.5 * np.sqrt(d2))))
         maps = np.stack(maps)
-    rss = np.sqrt((np.abs(maps) ** 2).sum(0))
+    rss = np.sqrt((maps.real**2 + maps.imag**2).sum(0))
     centre = (np.abs(X) < 0.3) & (np.abs(Y + 0.05) < 0.3)
     out = (maps / rss[centre].mean()).astype(np.complex64)
     out.flags.writeable = False
@@ -689,12 +701,13 @@ def bias_field(
         f = rng.normal(size=3) * (0.5, 1.0, 1.0)
         f *= 2 * np.pi * rng.uniform(1 / 3.0, 1 / 0.7) / np.linalg.norm(f)
         phase = rng.uniform(0, 2 * np.pi)
-        ez = np.exp(1j * f[0] * z).astype(np.complex64)
-        plane = np.outer(np.exp(1j * f[1] * y), np.exp(1j * (f[2] * x + phase)))
-        field += (
-            np.float32(rng.uniform(0.5, 1.0))
-            * (ez[:, None, None] * plane.astype(np.complex64)).real
-        )
+        ez = pm.exp(1j * f[0] * z).astype(np.complex64)
+        ey = pm.exp(1j * f[1] * y)
+        ex = pm.exp(1j * (f[2] * x + phase))
+        pr, pi = _cmul(ey.real[:, None], ey.imag[:, None], ex.real[None, :], ex.imag[None, :])
+        pr, pi = pr.astype(np.float32), pi.astype(np.float32)
+        zr, zi = ez.real[:, None, None], ez.imag[:, None, None]
+        field += np.float32(rng.uniform(0.5, 1.0)) * (zr * pr - zi * pi)  # Re(ez * plane)
     lo, hi = float(field.min()), float(field.max())
     field = 1.0 + strength * ((field - lo) / max(hi - lo, 1e-9) - 0.5)
     return field.reshape(shape).astype(np.float32)
