@@ -24,8 +24,8 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy import ndimage
 
-from btd.data.simulate import portable as pm
 from btd.data.records import ScanVolume, Tumour
+from btd.data.simulate import portable as pm
 from btd.data.simulate.nps import paired_noise_rois
 from btd.data.simulate.protocols import CTScanner
 from btd.errors import BTDConfigError, BTDInputError

@@ -21,8 +21,8 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage, special
 
-from btd.data.simulate import portable as pm
 from btd.data.records import ScanVolume, Tumour
+from btd.data.simulate import portable as pm
 from btd.data.simulate.protocols import MRIScanner
 from btd.errors import BTDConfigError, BTDInputError
 
