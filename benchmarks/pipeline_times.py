@@ -106,17 +106,18 @@ def peak_rss(rss_log: Path) -> float | None:
     return max(values) if values else None
 
 
-def resumed_training(stages: dict[str, float], metrics: Path = Path("metrics")) -> dict[str, float]:
+def resumed_training(stages: dict[str, float], runs: Path = Path("runs")) -> dict[str, float]:
     """Training seconds of train_ddpm stages that ran shorter than their checkpoint's training
-    (i.e. resumed a finished checkpoint), from metrics/train_ddpm_<m>.json."""
+    (i.e. resumed a finished checkpoint), from runs/train_ddpm_<m>.json (btd.runinfo)."""
     import json
 
     out = {}
     for name, sec in stages.items():
         if not name.startswith("train_ddpm@"):
             continue
-        path = metrics / f"train_ddpm_{name.split('@', 1)[1]}.json"
-        train_s = json.loads(path.read_text()).get("train_seconds") if path.is_file() else None
+        path = runs / f"train_ddpm_{name.split('@', 1)[1]}.json"
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        train_s = info.get("timings", {}).get("train_seconds")
         if train_s and sec < train_s:
             out[name] = float(train_s)
     return out
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         report["note"] = (
             "train_ddpm resumed its persisted checkpoint in this run (`persist: true`), so its "
             "stage time excludes training; the from-scratch estimate adds the checkpoint's own "
-            "training time (metrics/train_ddpm_*.json train_seconds): "
+            "training time (runs/train_ddpm_*.json train_seconds): "
             + ", ".join(f"{k} {v:.0f} s" for k, v in resumed.items())
             + "."
         )

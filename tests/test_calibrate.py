@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -103,3 +104,44 @@ def test_bad_calibration_inputs(tmp_path):
         Calibration.load(broken)
     with pytest.raises(BTDInputError, match="not found"):
         Calibration.load(tmp_path / "nothing.json")
+
+
+def test_save_binds_the_checkpoint_beside_or_given(tmp_path):
+    from btd.diffusion.checkpoint import checkpoint_sha256, save_checkpoint
+
+    cal = fit_threshold(np.random.default_rng(0).gamma(3.0, 1e-3, 50), 0.1)
+    lone = Calibration.load(cal.save(tmp_path / "lone" / "calibration_remove.json"))
+    assert lone.checkpoint_sha256 is None  # no checkpoint beside: nothing to bind to
+    ckpt = tmp_path / "m" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    save_checkpoint(ckpt, {"config": {}, "step": 7, "model": {}, "ema": {}})
+    bound = Calibration.load(cal.save(ckpt.with_name("calibration_remove.json")))
+    assert (bound.checkpoint_sha256, bound.checkpoint_step) == (checkpoint_sha256(ckpt), 7)
+    bound.check_checkpoint(ckpt, "calibration_remove.json")
+    with pytest.raises(BTDInputError, match="checkpoint file not found"):
+        cal.save(tmp_path / "x.json", checkpoint=tmp_path / "missing.pt")
+    with pytest.raises(BTDInputError, match="does not record which checkpoint"):
+        lone.check_checkpoint(ckpt, "calibration_remove.json")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [("threshold", "0.1", "threshold must be a finite number"),
+     ("threshold", -1.0, "threshold must be a finite number"),
+     ("target_fpr", 1.0, "target_fpr must be in (0, 1)"),
+     ("n", True, "n must be a positive integer"),
+     ("checkpoint_sha256", "abc", "checkpoint_sha256 must be 64 hex digits"),
+     ("checkpoint_step", -3, "checkpoint_step must be an integer >= 0"),
+     ("ks_pvalue", "low", "ks_pvalue must be a number")],
+)  # fmt: skip
+def test_from_dict_checks_types_and_ranges(field, value, fragment):
+    d = fit_threshold(np.random.default_rng(0).gamma(3.0, 1e-3, 50), 0.1).to_dict()
+    with pytest.raises(BTDInputError, match=re.escape(fragment)):
+        Calibration.from_dict({**d, field: value}, source="cal.json")
+
+
+def test_binding_default_is_the_trainer_checkpoint_name():
+    from btd.detect.calibrate import CHECKPOINT
+    from btd.diffusion.train import CHECKPOINT_NAME
+
+    assert CHECKPOINT == CHECKPOINT_NAME  # what the pipeline's train_ddpm stage saves beside

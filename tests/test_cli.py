@@ -154,7 +154,8 @@ def test_scan_dicom_series_writes_outputs_without_identifiers(ckpt, volume, tmp_
     expected = direct_scores(
         load_detector(ckpt)[0], normalize_ct(volume), table[["slice", "y", "x"]].to_numpy()
     )
-    np.testing.assert_allclose(table["score"], expected, rtol=1e-6)
+    # float32 conv kernels sum in a CPU-dependent order (AVX-512 vs AVX2): a few 1e-6 relative
+    np.testing.assert_allclose(table["score"], expected, rtol=2e-5)
 
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 3 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
@@ -165,7 +166,7 @@ def test_scan_dicom_series_writes_outputs_without_identifiers(ckpt, volume, tmp_
 
     secrets = [*IDENTIFIERS, SECRET_FOLDER, "PID-SECRET", "SECRET"]
     files = [p for p in out.rglob("*") if p.is_file()]
-    assert len(files) == 5
+    assert len(files) == 6  # scores.csv, summary.md, summary.json, 3 heat maps
     for path in files:
         data = path.read_bytes()
         for secret in secrets:
@@ -187,7 +188,8 @@ def test_scan_coords_scores_exactly_those_sites(ckpt, detector, volume, tmp_path
     assert [tuple(r) for r in table[["slice", "y", "x"]].to_numpy()] == sites
     # inject is the default with --coords: window score at each site, inject calibration
     expected = direct_scores(detector, normalize_ct(volume), sites, window=8)
-    np.testing.assert_allclose(table["score"], expected, rtol=1e-6)
+    # float32 conv kernels sum in a CPU-dependent order (AVX-512 vs AVX2): a few 1e-6 relative
+    np.testing.assert_allclose(table["score"], expected, rtol=2e-5)
     threshold = Calibration.load(calibration_path(ckpt, "inject")).threshold
     assert table["flagged"].tolist() == [int(s > threshold) for s in expected]
     assert "8 x 8 window" in (out / "summary.md").read_text()
@@ -328,9 +330,15 @@ def test_bad_coords_are_one_line_exit_2(ckpt, volume, tmp_path, capsys):
 
 def test_read_coords_validation(tmp_path):
     path = tmp_path / "c.csv"
-    path.write_text("X, Y ,Slice,note\n3.2,4.6,1,a\n")
+    path.write_text("X, Y ,Slice\n3.2,4.6,1\n")
     assert read_coords(path, (2, 8, 8)).tolist() == [[1, 5, 3]]
-    for text in ("slice,y,x\n", "slice,y,x\n0,-1,2\n", "slice,y,x\n2,1,1\n", "slice,y,x\n0,a,1\n"):
+    for text in (
+        "X, Y ,Slice,note\n3.2,4.6,1,a\n",
+        "slice,y,x\n",
+        "slice,y,x\n0,-1,2\n",
+        "slice,y,x\n2,1,1\n",
+        "slice,y,x\n0,a,1\n",
+    ):
         path.write_text(text)
         with pytest.raises(BTDInputError, match="c.csv"):
             read_coords(path, (2, 8, 8))
@@ -416,7 +424,8 @@ def test_score_writes_one_row_per_patch(ckpt, detector, patch_folder, tmp_path, 
     assert len(table) == 30 and {"patient", "label", "score", "flagged"} <= set(table.columns)
     centres = table[["py", "px"]].to_numpy(float)
     expected = score(detector, x[10:], window=8, centres=centres)[0]
-    np.testing.assert_allclose(table["score"], expected, rtol=1e-6)
+    # float32 conv kernels sum in a CPU-dependent order (AVX-512 vs AVX2): a few 1e-6 relative
+    np.testing.assert_allclose(table["score"], expected, rtol=2e-5)
     threshold = Calibration.load(calibration_path(ckpt, "inject")).threshold
     assert table["flagged"].tolist() == [int(s > threshold) for s in expected]
 

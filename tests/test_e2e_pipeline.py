@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["BTD_ROOT"] = str(work)
+    env["PYTHONPATH"] = str(work / "src")  # the copy's code, not the checkout's (which may change)
     env["OMP_NUM_THREADS"] = (
         "1"  # tiny models: threads only add overhead (and oversubscribe a busy CPU)
     )
@@ -89,8 +91,11 @@ def test_train_ddpm_outputs_are_sane(tiny_run: Path) -> None:
             assert np.isfinite(cal.threshold) and cal.threshold > 0 and cal.target_fpr == 0.1
         metrics = json.loads((tiny_run / f"metrics/train_ddpm_{modality}.json").read_text())
         params = yaml.safe_load((tiny_run / "params.yaml").read_text())["ddpm"]
-        assert metrics["steps"] == 20 and metrics["timestep_sampler"] == params["timestep_sampler"]
-        assert metrics["train_seconds"] > 0 and metrics["steps_per_second"] > 0
+        assert metrics["steps"] == 20 and params["steps"] == 20
+        assert not [k for k in metrics if "second" in k], "timings are run info, not DVC metrics"
+        run = json.loads((tiny_run / f"runs/train_ddpm_{modality}.json").read_text())
+        assert run["timings"]["train_seconds"] > 0 and run["timings"]["steps_per_second"] > 0
+        assert run["environment"]["packages"]["torch"] and run["environment"]["cpu"]
 
 
 def test_deepfake_score_and_result_outputs_are_sane(tiny_run: Path) -> None:
@@ -126,9 +131,62 @@ def test_executed_notebooks_have_outputs_and_no_errors(tiny_run: Path) -> None:
         assert "papermill" not in nb["metadata"] or "start_time" not in nb["metadata"]["papermill"]
 
 
-def test_repro_again_does_nothing(tiny_run: Path) -> None:
+def test_executed_reports_show_their_figures_and_no_machine_paths(tiny_run: Path) -> None:
+    from btd.report.notebook import absolute_paths, image_outputs
+
+    for nb_path in sorted((tiny_run / "reports").glob("*.ipynb")):
+        nb = json.loads(nb_path.read_text())
+        source = nb_path.name.replace("_ct", "").replace("_mri", "")
+        draws = (
+            "viz." in (tiny_run / "notebooks" / source).read_text()
+            or "figure" in (tiny_run / "notebooks" / source).read_text()
+        )
+        if draws:
+            assert image_outputs(nb) > 0, f"{nb_path.name}: draws figures but shows none"
+        assert not absolute_paths(nb), f"{nb_path.name}: {absolute_paths(nb)[:3]}"
+        streams = [
+            o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "stream"
+        ]
+        assert not [o for o in streams if "\r" in "".join(o["text"])], "progress-bar redraws kept"
+
+
+def _git(args: list[str], cwd: Path, env: dict) -> str:
+    return _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd, env).stdout
+
+
+def test_repro_again_does_nothing_and_reruns_are_identical(tiny_run: Path) -> None:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env["BTD_ROOT"] = str(tiny_run)
+    env["PYTHONPATH"] = str(tiny_run / "src")
     status = _run(["dvc", "status"], tiny_run, env).stdout
     assert "up to date" in status, status
     again = _run(["dvc", "repro"], tiny_run, env).stdout
     assert "didn't change, skipping" in again or "up to date" in again, again
+    _git(["add", "-A"], tiny_run, env)
+    _git(["commit", "-qm", "tiny run"], tiny_run, env)
+    assert _git(["status", "--porcelain"], tiny_run, env) == ""
+    # a forced re-run of a stage gives the same metrics, tables and lock (no timings in them)
+    _run(["dvc", "repro", "-f", "-s", "evaluate"], tiny_run, env)
+    changed = _git(["status", "--porcelain", "--", "dvc.lock", "metrics", "results"], tiny_run, env)
+    assert changed == "", changed
+    # a runtime knob is not a tracked param: changing it reruns nothing
+    params = tiny_run / "params.yaml"
+    text = params.read_text()
+    params.write_text(text.replace("threads: 2", "threads: 1"))
+    assert "up to date" in _run(["dvc", "status"], tiny_run, env).stdout
+    params.write_text(text)
+
+
+def test_readme_dvc_examples_run(tiny_run: Path) -> None:
+    """Every `dvc exp run -S`, `dvc metrics show` and `dvc plots show` example in the README works."""
+    import shlex
+
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env["BTD_ROOT"] = str(tiny_run)
+    env["PYTHONPATH"] = str(tiny_run / "src")
+    readme = (ROOT / "README.md").read_text()
+    examples = re.findall(r"`(dvc (?:exp run -S|metrics show|plots show)[^`]*)`", readme)
+    assert any(e.startswith("dvc exp run -S") for e in examples), examples
+    for example in dict.fromkeys(examples):
+        _run(shlex.split(example), tiny_run, env)
+    assert (tiny_run / "dvc_plots" / "index.html").is_file()

@@ -40,11 +40,23 @@ def _readme(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clean_report(args: argparse.Namespace) -> int:
+    from btd import paths
+    from btd.report.notebook import clean_report
+
+    for path in args.notebooks:
+        clean_report(path, paths.ROOT)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="btd",
         description="Back-in-Time Diffusion: unsupervised detection of medical deepfakes.",
     )
+    from btd import __version__
+
+    parser.add_argument("--version", action="version", version=f"btd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "profile",
@@ -67,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
     p.add_argument("--readme", help="README to update (default: the project's README.md)")
     p.set_defaults(func=_readme)
+    p = sub.add_parser(
+        "clean-report",
+        help="make an executed notebook fit to commit (the pipeline runs it after papermill)",
+        description="Merge progress-bar chunks into their final line, write paths relative to the "
+        "repository root, and drop papermill's timestamps, in place.",
+    )
+    p.add_argument("notebooks", nargs="+", help="executed notebooks (reports/*.ipynb)")
+    p.set_defaults(func=_clean_report)
     _register_detector_commands(sub)
     return parser
 

@@ -1,19 +1,20 @@
-"""Figures shown by the notebooks; each saves a PNG under reports/ and returns the matplotlib figure."""
+"""Figures shown by the notebooks; each saves a PNG under reports/ and returns the matplotlib figure.
+
+No backend is forced here: in a notebook (papermill included) matplotlib's inline backend puts every
+figure into the executed report; elsewhere matplotlib falls back to Agg by itself.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from btd.atomic import atomic_path  # noqa: E402
-from btd.data.records import ScanVolume  # noqa: E402
+from btd.atomic import atomic_path
+from btd.data.records import ScanVolume
 
 CT_WINDOW = (-1000.0, 400.0)  # lung/mediastinum compromise window for display
 
@@ -96,5 +97,79 @@ def sample_counts(manifest: pd.DataFrame, title: str, path: str | Path) -> plt.F
     sns.barplot(data=counts, x="scanner", y="n", hue="split/label", ax=ax)
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=20)
+    save(fig, path)
+    return fig
+
+
+def before_after(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str | Path):
+    """Fig. 3: per scenario a site before and after tampering, the difference (centred on zero, with
+    its colour bar: red = brighter after) and the tamper mask."""
+    fig, axes = plt.subplots(len(rows), 4, figsize=(9.6, 2.3 * len(rows)), squeeze=False)
+    for ax, title in zip(
+        axes[0], ("before", "after", "after - before", "tamper mask"), strict=True
+    ):
+        ax.set_title(title, fontsize=9)
+    for row, (name, before, after, mask) in zip(axes, rows, strict=True):
+        diff = after - before
+        lim = float(np.abs(diff).max()) or 1.0
+        row[0].imshow(before, cmap="gray", vmin=0, vmax=1)
+        row[1].imshow(after, cmap="gray", vmin=0, vmax=1)
+        im = row[2].imshow(diff, cmap="coolwarm", vmin=-lim, vmax=lim)
+        fig.colorbar(im, ax=row[2], fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+        row[3].imshow(np.squeeze(mask), cmap="gray", vmin=0, vmax=1)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    save(fig, path)
+    return fig
+
+
+def ddpm_loss(log: pd.DataFrame, title: str, path: str | Path):
+    """DDPM training/validation loss and the t = 0 validation loss (the one timestep BTD queries)."""
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
+    ax[0].plot(log["step"], log["train_loss"], "o-", ms=3, label="train (running mean)")
+    ax[0].plot(log["step"], log["val_loss"], "o-", ms=3, label="validation")
+    ax[0].set_yscale("log")
+    ax[0].set_title(title)
+    ax[0].legend(fontsize=8)
+    ax[1].plot(log["step"], log["val_loss_t0"], "o-", ms=3, color="tab:green")
+    ax[1].set_yscale("log")
+    ax[1].set_title("validation loss at t = 0")
+    for a in ax:
+        a.set_xlabel("training step")
+        a.set_ylabel("noise-prediction MSE")
+    fig.tight_layout()
+    save(fig, path)
+    return fig
+
+
+def shap_residuals(results: dict, n_show: int, path: str | Path):
+    """Fig. 5: residuals (magma) and their SHAP attributions (coolwarm, centred), with colour bars,
+    one row per (scenario, residual kind)."""
+    fig, axes = plt.subplots(
+        len(results), 2 * n_show, figsize=(2.3 * 2 * n_show, 2.3 * len(results)), squeeze=False
+    )
+    for r_idx, (row, ((scenario, kind), r)) in enumerate(zip(axes, results.items(), strict=True)):
+        for i in range(n_show):
+            a_res, a_shap = row[2 * i], row[2 * i + 1]
+            for a in (a_res, a_shap):
+                a.set_xticks([])
+                a.set_yticks([])
+            if i >= len(r["shap"]):
+                a_res.axis("off")
+                a_shap.axis("off")
+                continue
+            im = a_res.imshow(r["residuals"][i], cmap="magma")
+            fig.colorbar(im, ax=a_res, fraction=0.046, pad=0.02).ax.tick_params(labelsize=5)
+            lim = float(np.abs(r["shap"][i]).max()) or 1.0
+            im = a_shap.imshow(r["shap"][i], cmap="coolwarm", vmin=-lim, vmax=lim)
+            fig.colorbar(im, ax=a_shap, fraction=0.046, pad=0.02).ax.tick_params(labelsize=5)
+            if r_idx == 0:
+                a_res.set_title(f"sample {i + 1}: residual", fontsize=8)
+                a_shap.set_title(f"sample {i + 1}: SHAP", fontsize=8)
+        row[0].set_ylabel(f"{scenario}\n{kind}", fontsize=8)
+    fig.tight_layout()
     save(fig, path)
     return fig

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from btd.baselines.base import Baseline, check_patches, require_fitted
 from btd.errors import BTDConfigError, BTDInputError

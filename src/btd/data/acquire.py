@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from joblib import Parallel, delayed
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from btd.data.records import ScanVolume
 from btd.data.simulate.protocols import load_protocols, select_scanners

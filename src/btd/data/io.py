@@ -25,6 +25,9 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 _SKIP_NAMES = frozenset({"dicomdir", "license", "readme", "manifest"})
 _UNIT_SPACING: Spacing = (1.0, 1.0, 1.0)
 _INT16 = np.iinfo(np.int16)
+#: Largest volume read (voxels): 512 x 512 x 2048. Checked from the header before the data, so a
+#: small compressed file declaring 1024^3 voxels is refused instead of exhausting memory.
+MAX_VOXELS = 512 * 512 * 2048
 
 
 @dataclass
@@ -214,9 +217,48 @@ def _dicom_candidates(folder: Path) -> list[Path]:
     )
 
 
+#: Header fields every slice of one series must share: (keyword, what the message calls it).
+_SERIES_FIELDS = (
+    ("SeriesInstanceUID", "series"),
+    ("Modality", "modality"),
+    ("PixelSpacing", "pixel spacing"),
+    ("ImageOrientationPatient", "orientation"),
+    ("RescaleSlope", "rescale slope"),
+    ("RescaleIntercept", "rescale intercept"),
+)
+
+
+def _field_value(ds: Any, keyword: str) -> Any:
+    """A header value made comparable: numbers as a tuple of floats, text as text."""
+    value = ds.get(keyword, None)
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        items = [value] if isinstance(value, int | float) else list(value)
+        return tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, numbers up to 1e-4 (header float noise between the slices of one series)."""
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
+        return bool(np.allclose(a, b, rtol=0, atol=1e-4))
+    return a == b
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "/".join(f"{v:g}" for v in value)
+    return "none" if value is None else str(value)
+
+
 def _check_same_geometry(items: list[tuple[Path, Any, np.ndarray]], folder: Path) -> None:
-    """A folder must hold one series: same matrix, same series UID, one frame per file."""
+    """A folder must hold one series: same matrix, series, modality, spacing, orientation and
+    rescale in every slice, one frame per file. Stacking slices that differ would silently
+    distort the volume (or mix two scans) instead of failing."""
     first_path, first_ds, first_px = items[0]
+    expected = {k: _field_value(first_ds, k) for k, _ in _SERIES_FIELDS}
     for path, ds, px in items[1:]:
         if px.shape[1:] != first_px.shape[1:]:
             raise BTDInputError(
@@ -224,8 +266,19 @@ def _check_same_geometry(items: list[tuple[Path, Any, np.ndarray]], folder: Path
                 f"mixed series: {first_path.name} is {first_px.shape[1]}x{first_px.shape[2]} but "
                 f"{path.name} is {px.shape[1]}x{px.shape[2]} (Rows x Columns)",
             )
-        if str(ds.get("SeriesInstanceUID", "")) != str(first_ds.get("SeriesInstanceUID", "")):
-            raise BTDInputError(folder, f"mixed series: {path.name} belongs to another series")
+        for keyword, what in _SERIES_FIELDS:
+            value = _field_value(ds, keyword)
+            if not _same_value(value, expected[keyword]):
+                if keyword == "SeriesInstanceUID":
+                    raise BTDInputError(
+                        folder, f"mixed series: {path.name} belongs to another series"
+                    )
+                raise BTDInputError(
+                    folder,
+                    f"mixed series: {what} {_shown(expected[keyword])} in {first_path.name} but "
+                    f"{_shown(value)} "
+                    f"in {path.name}; one series needs the same {what} in every slice",
+                )
     if len(items) > 1 and any(px.shape[0] != 1 for _, _, px in items):
         raise BTDInputError(folder, "mixed series: multi-frame files together with other files")
 
@@ -347,11 +400,29 @@ def _squeeze_to_3d(path: Path, data: np.ndarray) -> np.ndarray:
     return data
 
 
+def check_declared_size(path: Path, shape: Iterable[int]) -> None:
+    """Refuse a header declaring more than MAX_VOXELS voxels, before any data is read."""
+    dims = [int(s) for s in shape]
+    if any(d < 0 for d in dims):
+        raise BTDInputError(path, f"header declares a negative size {tuple(dims)}")
+    n = int(np.prod(dims, dtype=object)) if dims else 0
+    if n > MAX_VOXELS:
+        raise BTDInputError(
+            path,
+            f"header declares {' x '.join(map(str, dims))} = {n:,} voxels, more than the limit "
+            f"of {MAX_VOXELS:,} (btd.data.io.MAX_VOXELS); not read",
+        )
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, Spacing, dict[str, Any]]:
     import nibabel as nib
 
     try:
         img = nib.load(str(path))
+    except Exception as exc:
+        raise BTDInputError(path, f"corrupt NIfTI file ({exc.__class__.__name__}: {exc})") from None
+    check_declared_size(path, img.shape)
+    try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:
         raise BTDInputError(path, f"corrupt NIfTI file ({exc.__class__.__name__}: {exc})") from None
@@ -388,9 +459,33 @@ def _nrrd_ras_signs(space: str, path: Path) -> np.ndarray:
     return np.array([_NRRD_SPACE_SIGNS[w] for w in words])
 
 
+def _check_nrrd_header(path: Path) -> None:
+    """Declared size within MAX_VOXELS, and a detached data file inside the header's own folder:
+    a header must not make us read /etc/passwd or another patient's file."""
+    import nrrd
+
+    try:
+        header = nrrd.read_header(str(path))
+    except Exception as exc:
+        raise BTDInputError(
+            path, f"corrupt NRRD header ({exc.__class__.__name__}: {exc})"
+        ) from None
+    check_declared_size(path, header.get("sizes", []))
+    data_file = header.get("datafile", header.get("data file"))
+    if data_file is None:
+        return
+    folder = path.parent.resolve()
+    target = (folder / str(data_file)).resolve()
+    if not target.is_relative_to(folder):
+        raise BTDInputError(path, "detached data file points outside the header's folder; refused")
+    if not target.is_file():
+        raise BTDInputError(path, f"detached data file {target.relative_to(folder)} not found")
+
+
 def _read_nrrd(path: Path) -> tuple[np.ndarray, Spacing, dict[str, Any]]:
     import nrrd
 
+    _check_nrrd_header(path)
     try:
         data, header = nrrd.read(str(path))  # Fortran index order: data[i, j, k] as in the header
     except Exception as exc:
@@ -417,7 +512,22 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, Spacing, dict[str, Any]]:
     return np.ascontiguousarray(data.transpose(2, 1, 0)), clean_spacing((sz, sy, sx)), meta
 
 
+def _npy_shape(path: Path) -> tuple[int, ...]:
+    """Shape from a .npy header without reading the data."""
+    fmt = np.lib.format
+    readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            if version in readers:
+                return tuple(readers[version](f)[0])
+        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+    except Exception as exc:
+        raise BTDInputError(path, f"truncated or corrupt .npy file ({exc})") from None
+
+
 def _read_npy(path: Path) -> tuple[np.ndarray, Spacing, dict[str, Any]]:
+    check_declared_size(path, _npy_shape(path))
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:
@@ -488,6 +598,8 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Spacing, dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise BTDInputError(path, "file or folder not found")
+    if not path.is_dir() and not path.is_file():
+        raise BTDInputError(path, "not a regular file (a FIFO, socket or device); refused unread")
     suffix = path.suffix.lower()
     if path.is_dir():
         volume, spacing, meta = read_dicom_series(path)

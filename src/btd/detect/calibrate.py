@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ PARAMETRIC = {
 }
 FAMILIES = ("auto", *PARAMETRIC, "kde", "empirical")
 MIN_SAMPLES = 10
+CHECKPOINT = "checkpoint.pt"  # btd.diffusion.train.CHECKPOINT_NAME (not imported: torch-free)
 
 
 @dataclass
@@ -48,6 +50,9 @@ class Calibration:
     ks_pvalue: float | None = None
     candidates: dict[str, dict[str, float]] = field(default_factory=dict)
     note: str = ""
+    #: SHA-256 and step of the checkpoint whose scores were fitted (None in files before binding).
+    checkpoint_sha256: str | None = None
+    checkpoint_step: int | None = None
 
     def apply(self, scores) -> np.ndarray:
         """Boolean flags: True = fake (score strictly above the threshold)."""
@@ -59,7 +64,7 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "calibration") -> Calibration:
-        """Inverse of `to_dict`; BTDInputError naming `source` for missing/unknown fields."""
+        """Inverse of `to_dict`; BTDInputError naming `source` for missing/unknown/bad fields."""
         required = ("family", "params", "threshold", "target_fpr", "n")
         missing = [k for k in required if k not in d]
         if missing:
@@ -68,14 +73,43 @@ class Calibration:
         unknown = sorted(set(d) - known)
         if unknown:
             raise BTDInputError(source, f"unknown calibration fields {unknown}")
-        cal = cls(**d)
-        if not math.isfinite(float(cal.threshold)):
-            raise BTDInputError(source, f"threshold is not finite: {cal.threshold!r}")
-        return cal
+        _check_fields(d, source)
+        return cls(**d)
 
-    def save(self, path: str | Path) -> Path:
-        """Write as JSON atomically (conventionally next to the checkpoint)."""
+    def save(self, path: str | Path, checkpoint: str | Path | None = None) -> Path:
+        """Write as JSON atomically, bound to the checkpoint whose scores were fitted.
+
+        `checkpoint` defaults to the `checkpoint.pt` beside `path` (the `calibration_path`
+        layout), so every writer, the pipeline stage included, records its hash and step.
+        """
+        path = Path(path)
+        beside = path.with_name(CHECKPOINT)
+        if checkpoint is None and beside.is_file():
+            checkpoint = beside
+        if checkpoint is not None:  # an explicit one must exist (checkpoint_identity says so)
+            from btd.diffusion.checkpoint import checkpoint_identity
+
+            ident = checkpoint_identity(checkpoint)
+            self.checkpoint_sha256, self.checkpoint_step = ident["sha256"], ident["step"]
         return write_json(path, self.to_dict())
+
+    def check_checkpoint(self, checkpoint: str | Path, source: str | Path) -> None:
+        """Refuse a calibration fitted on another checkpoint's scores (e.g. before a resume)."""
+        from btd.diffusion.checkpoint import checkpoint_identity
+
+        redo = f"re-run `btd calibrate --checkpoint {checkpoint} --patches <patch folder>`"
+        if self.checkpoint_sha256 is None:
+            raise BTDInputError(
+                source, f"does not record which checkpoint it was made for (an older file); {redo}"
+            )
+        ident = checkpoint_identity(checkpoint)
+        if ident["sha256"] != self.checkpoint_sha256:
+            raise BTDInputError(
+                source,
+                f"made for another checkpoint (step {self.checkpoint_step}, sha256 "
+                f"{self.checkpoint_sha256[:12]}), not {Path(checkpoint).name} (step "
+                f"{ident['step']}, sha256 {ident['sha256'][:12]}); {redo}",
+            )
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
@@ -90,6 +124,43 @@ class Calibration:
         if not isinstance(data, dict):
             raise BTDInputError(path, "calibration JSON must be an object")
         return cls.from_dict(data, source=str(path))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _field_error(d: dict[str, Any], source: str) -> str | None:
+    """The first ill-typed or out-of-range calibration field, as a message; None if all are fine."""
+    threshold, fpr, n = d["threshold"], d["target_fpr"], d["n"]
+    params, sha, step = d["params"], d.get("checkpoint_sha256"), d.get("checkpoint_step")
+    checks = [
+        (d["family"] in FAMILIES[1:], f"family must be one of {FAMILIES[1:]}, got {d['family']!r}"),
+        (_is_number(threshold) and math.isfinite(threshold) and threshold >= 0,
+         f"threshold must be a finite number >= 0, got {threshold!r}"),
+        (_is_number(fpr) and 0 < fpr < 1, f"target_fpr must be in (0, 1), got {fpr!r}"),
+        (isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+         f"n must be a positive integer, got {n!r}"),
+        (isinstance(params, dict) and all(_is_number(v) for v in params.values()),
+         f"params must map names to numbers, got {params!r}"),
+        (sha is None or (isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha) is not None),
+         f"checkpoint_sha256 must be 64 hex digits, got {sha!r}"),
+        (step is None or (isinstance(step, int) and not isinstance(step, bool) and step >= 0),
+         f"checkpoint_step must be an integer >= 0, got {step!r}"),
+    ]  # fmt: skip
+    for key in ("ks_statistic", "ks_pvalue"):
+        value = d.get(key)
+        checks.append(
+            (value is None or _is_number(value), f"{key} must be a number, got {value!r}")
+        )
+    return next((msg for ok, msg in checks if not ok), None)
+
+
+def _check_fields(d: dict[str, Any], source: str) -> None:
+    """BTDInputError naming the field: a calibration file is user-editable input."""
+    problem = _field_error(d, source)
+    if problem is not None:
+        raise BTDInputError(source, problem)
 
 
 def calibration_path(checkpoint: str | Path, task: str) -> Path:

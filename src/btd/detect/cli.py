@@ -3,12 +3,17 @@
 Thin argparse wrappers: the work is done by `btd.diffusion.train`, `btd.detect.btd`,
 `btd.detect.calibrate` and `btd.detect.scan`. Heavy imports (torch) happen inside the handlers so
 `btd --help` stays fast. Every failure the user can fix is a BTDError, printed by `btd.cli.main`
-as one line naming the file or option, with exit code 2.
+as one line naming the file or option, with exit code 2; option errors are one line too (exit 2),
+Ctrl-C is one line with exit code 130 and any other exception one line with exit code 1
+(BTD_DEBUG=1 shows its traceback). No failure prints a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -16,11 +21,55 @@ from typing import Any
 
 import numpy as np
 
-from btd.errors import BTDInputError
+from btd.errors import BTDError, BTDInputError
 
 DEFAULT_WINDOW = 16  # params.yaml detect.ct_window: the paper's 32 px at 0.7 mm, at 1.4 mm pixels
 TASK_BENIGN = {"inject": "TM", "remove": "TB"}  # real class each task is calibrated on
 RAW = argparse.RawDescriptionHelpFormatter
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_INTERNAL = 1
+DEBUG_ENV = "BTD_DEBUG"  # set to 1 to get the traceback of an unexpected error
+
+
+def one_line_failures(name: str, handler):
+    """Wrap a subcommand so no failure prints a traceback: Ctrl-C and unexpected errors become one
+    `btd <cmd>: error: <what>: <problem>` line (BTDErrors are printed by `btd.cli.main`)."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except BTDError:
+            raise
+        except KeyboardInterrupt:
+            print(
+                f"btd {name}: error: interrupted (Ctrl-C): stopped; finished outputs are left as "
+                "they were",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
+        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+            if os.environ.get(DEBUG_ENV):
+                raise
+            detail = " ".join(str(exc).split()) or "no message"
+            print(
+                f"btd {name}: error: unexpected {exc.__class__.__name__}: {detail[:300]} "
+                f"(set {DEBUG_ENV}=1 for the traceback)",
+                file=sys.stderr,
+            )
+            return EXIT_INTERNAL
+
+    return run
+
+
+def one_line_usage_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Option errors as the single line `btd <cmd>: error: <what>: <problem>`, no usage block."""
+
+    def error(message: str):
+        p.exit(2, f"{p.prog}: error: {message} (see {p.prog} --help)\n")
+
+    p.error = error  # type: ignore[method-assign]
+    return p
 
 
 def _wrap(text: str) -> str:
@@ -45,6 +94,17 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
+
+
+def _threshold(text: str) -> float:
+    """--threshold: a finite number >= 0 (scores are mean squares; a negative one flags all)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
     return value
 
 
@@ -106,7 +166,7 @@ def train_config(args: argparse.Namespace, image_size: int, checkpoint: Path) ->
 
 
 def _train(args: argparse.Namespace) -> int:
-    from btd.data.dataset import load_patch_dataset
+    from btd.data.dataset import load_patch_dataset, training_data_info
     from btd.diffusion.train import CHECKPOINT_NAME, train
 
     train_x, _ = load_patch_dataset(args.patches, "train")
@@ -140,6 +200,7 @@ def _train(args: argparse.Namespace) -> int:
         resume=not args.fresh,
         progress=not args.quiet,
         accelerator=accelerator,
+        data=training_data_info(args.patches),
     )
     last = result.loss_log[-1] if result.loss_log else {}
     done = result.end_step - result.start_step
@@ -241,35 +302,38 @@ def load_patches(path: str | Path, split: str | None) -> tuple[np.ndarray, Any]:
 
 
 def read_centres(path: str | Path, n: int) -> np.ndarray:
-    """(n, 2) window centres inside the patches from a CSV with columns py,px (or y,x)."""
-    import pandas as pd
+    """(n, 2) window centres inside the patches from a CSV with exactly the columns py,px (or y,x)."""
+    from btd.detect.scan import check_row_widths, read_csv_rows
 
     path = Path(path)
     if not path.is_file():
         raise BTDInputError(path, "centres file not found")
-    try:
-        table = pd.read_csv(path)
-    except (ValueError, OSError, UnicodeDecodeError) as exc:
-        raise BTDInputError(path, f"not a readable CSV ({exc})") from None
-    table.columns = [str(c).strip().lower() for c in table.columns]
-    cols = next((c for c in (["py", "px"], ["y", "x"]) if set(c) <= set(table.columns)), None)
+    header, rows = read_csv_rows(path)
+    cols = next((c for c in (["py", "px"], ["y", "x"]) if sorted(header) == sorted(c)), None)
     if cols is None:
-        raise BTDInputError(path, f"need columns py,px (or y,x), found {list(table.columns)}")
-    if len(table) != n:
-        raise BTDInputError(path, f"{len(table)} centres for {n} patches")
-    values = table[cols].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+        raise BTDInputError(path, f"need exactly the columns py,px (or y,x), found {header}")
+    check_row_widths(path, header, rows)
+    if len(rows) != n:
+        raise BTDInputError(path, f"{len(rows)} centres for {n} patches")
+    order = [header.index(c) for c in cols]
+    try:
+        values = np.array([[float(r[j]) for j in order] for r in rows], dtype=np.float64)
+    except ValueError:
+        raise BTDInputError(path, "centres must be numbers") from None
     if not np.isfinite(values).all():
         raise BTDInputError(path, "centres must be numbers")
-    return values
+    return values.reshape(-1, 2)
 
 
 def _score(args: argparse.Namespace) -> int:
     from btd.atomic import atomic_path
     from btd.detect.btd import score
-    from btd.detect.scan import resolve_threshold
+    from btd.detect.scan import check_finite_scores, resolve_threshold
     from btd.diffusion.checkpoint import load_detector
     from btd.diffusion.train import resolve_device
 
+    if Path(args.out).is_dir():
+        raise BTDInputError(args.out, "output path is a folder; pass the CSV file to write")
     diffusion, _ = load_detector(args.checkpoint, resolve_device(args.device))
     window = args.window
     if window is None and args.task == "inject":
@@ -285,7 +349,9 @@ def _score(args: argparse.Namespace) -> int:
         elif {"py", "px"} <= set(table.columns):
             centres = table[["py", "px"]].to_numpy(np.float64)
     t0 = time.perf_counter()
-    scores, _ = score(diffusion, x, window=window, centres=centres, batch_size=args.batch_size)
+    batch = min(args.batch_size, max(len(x), 1))
+    scores, _ = score(diffusion, x, window=window, centres=centres, batch_size=batch)
+    check_finite_scores(scores)
     seconds = time.perf_counter() - t0
     table = table.copy()
     table["score"] = scores
@@ -332,7 +398,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--centres", help="CSV with columns py,px: window centre inside each patch")
     p.add_argument("--task", choices=("inject", "remove"), help="add 'flagged' (calibration)")
-    p.add_argument("--threshold", type=float, help="flag above this score instead of calibration")
+    p.add_argument(
+        "--threshold", type=_threshold, help="flag above this score instead of calibration"
+    )
     p.add_argument("--batch-size", type=_positive_int, default=64, help="patches per model call")
     _add_device(p)
     p.set_defaults(func=_score)
@@ -347,6 +415,7 @@ def calibrate_task(
     """Fit the benign scores of one task: TM in the window (inject) or TB over the patch (remove)."""
     from btd.detect.btd import score
     from btd.detect.calibrate import fit_threshold
+    from btd.detect.scan import check_finite_scores
 
     rows = (manifest["label"] == TASK_BENIGN[task]).to_numpy()
     if not rows.any():
@@ -354,7 +423,9 @@ def calibrate_task(
     opts = {}
     if task == "inject":
         opts = {"window": window, "centres": manifest.loc[rows, ["py", "px"]].to_numpy(float)}
-    scores, _ = score(diffusion, x[rows], batch_size=kw.get("batch_size", 64), **opts)
+    batch = min(kw.get("batch_size", 64), int(rows.sum()))
+    scores, _ = score(diffusion, x[rows], batch_size=batch, **opts)
+    check_finite_scores(scores)
     return fit_threshold(scores, target_fpr, family=kw.get("family", "auto"))
 
 
@@ -387,7 +458,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             family=args.family,
             batch_size=args.batch_size,
         )
-        path = cal.save(calibration_path(args.checkpoint, task))
+        path = cal.save(calibration_path(args.checkpoint, task), checkpoint=args.checkpoint)
         print(
             f"{task}: family {cal.family}, threshold {cal.threshold:.6g} at target FPR "
             f"{cal.target_fpr:g} (n={cal.n} {TASK_BENIGN[task]} {args.split} patches) -> {path}"
@@ -470,6 +541,7 @@ def _scan(args: argparse.Namespace) -> int:
         device=args.device,
         fast=_fast_options(args),
         accelerator=accelerator,
+        resample=not args.no_resample,
     )
     if report is None:  # a non-main accelerate process: the main one reports
         return 0
@@ -551,7 +623,7 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--coords", help="CSV with columns slice,y,x: score only these sites")
     p.add_argument("--task", choices=("inject", "remove"), help="which calibration / score")
-    p.add_argument("--threshold", type=float, help="flag above this score (skips calibration)")
+    p.add_argument("--threshold", type=_threshold, help="flag above this score (skips calibration)")
     p.add_argument(
         "--window", type=_positive_int, default=DEFAULT_WINDOW, help="inject score window (px)"
     )
@@ -567,7 +639,12 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pixel-mm",
         type=float,
-        help="resample slices to this pixel size first (the training data's, e.g. 1.4)",
+        help="resample slices to this pixel size (default: the checkpoint's training spacing)",
+    )
+    p.add_argument(
+        "--no-resample",
+        action="store_true",
+        help="scan at the volume's own pixels, not resampled to the checkpoint's spacing",
     )
     p.add_argument(
         "--prenormalized", action="store_true", help="input is already in [0,1]; do not normalise"
@@ -579,7 +656,8 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add train, score, calibrate and scan to the `btd` command."""
-    _add_train(sub)
-    _add_score(sub)
-    _add_calibrate(sub)
-    _add_scan(sub)
+    for add in (_add_train, _add_score, _add_calibrate, _add_scan):
+        add(sub)
+    for name in ("train", "score", "calibrate", "scan"):
+        p = one_line_usage_errors(sub.choices[name])
+        p.set_defaults(func=one_line_failures(name, p.get_default("func")))

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from btd.atomic import atomic_path
+from btd.atomic import atomic_path, write_json
 from btd.data.preprocess import CT_HU_MAX, CT_HU_MIN, normalize_volume
 from btd.errors import BTDConfigError, BTDInputError
 
@@ -50,6 +50,8 @@ INPUT_KINDS = {
     "image": "2-D image",
 }
 FIGURE_PATTERN = "flag_*.png"
+#: Files a scan writes (besides the heat maps); an output folder may hold only these.
+SCAN_FILES = frozenset({"scores.csv", "summary.md", "summary.json"})
 
 
 # ----------------------------------------------------------------------------- input
@@ -73,6 +75,7 @@ class ScanInput:
     kind: str
     scale: tuple[float, float] = (1.0, 1.0)
     notes: list[str] = field(default_factory=list)
+    resampling: dict[str, Any] = field(default_factory=dict)  # for summary.json
 
     def to_original(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Resampled pixel centres -> nearest original voxel indices."""
@@ -153,22 +156,90 @@ def resample_inplane(volume: np.ndarray, factors: tuple[float, float]) -> np.nda
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def known_modality(meta: dict[str, Any], modality: str | None) -> str | None:
+    """The input's modality when the user or the DICOM header says it, else None (a guess)."""
+    if modality is not None:
+        return modality
+    return {"CT": "ct", "MR": "mri", "MRI": "mri"}.get(str(meta.get("modality") or "").upper())
+
+
+def check_model_modality(
+    raw: np.ndarray, meta: dict[str, Any], modality: str | None, model: str | None, source: Path
+) -> str | None:
+    """Refuse an input of another modality than the model's; returns the modality to use.
+
+    A known input modality (--modality, DICOM Modality) must equal the model's. An unknown one
+    is taken to be the model's, unless the voxels are HU-like (CT) for an MRI model.
+    """
+    if model is None:
+        return None
+    known = known_modality(meta, modality)
+    if known is None and model == "mri" and float(raw.min()) < -200:
+        known = "ct"  # air at about -1000 HU: only CT has negative intensities
+    if known is not None and known != model:
+        raise BTDInputError(
+            source,
+            f"the input is {known.upper()} but the model was trained on {model.upper()} "
+            "(the checkpoint's modality); use a model of the input's modality",
+        )
+    return model
+
+
+def plan_resampling(
+    spacing: tuple[float, float, float], meta: dict[str, Any], pixel_mm: float | None, source: str
+) -> dict[str, Any]:
+    """Where the slices go: in-plane factors from the header spacing to `pixel_mm` (plain data).
+
+    `source` says where `pixel_mm` came from ('--pixel-mm', 'checkpoint', or 'none').
+    """
+    plan: dict[str, Any] = {
+        "applied": False,
+        "source": source,
+        "from_mm": [float(spacing[1]), float(spacing[2])] if meta.get("spacing_known") else None,
+        "to_mm": None if pixel_mm is None else float(pixel_mm),
+        "factors": [1.0, 1.0],
+    }
+    if pixel_mm is None:
+        return plan
+    if not pixel_mm > 0:
+        raise BTDConfigError("pixel_mm", f"must be positive, got {pixel_mm!r}")
+    if not meta.get("spacing_known"):
+        if source == "--pixel-mm":
+            raise BTDConfigError(
+                "pixel_mm", "the input volume has no pixel spacing (.npy / image); drop --pixel-mm"
+            )
+        return plan
+    factors = [float(spacing[1]) / pixel_mm, float(spacing[2]) / pixel_mm]
+    plan.update(factors=factors, applied=factors != [1.0, 1.0])
+    return plan
+
+
 def load_input(
     path: str | Path,
     modality: str | None = None,
     pixel_mm: float | None = None,
     prenormalized: bool = False,
+    model_modality: str | None = None,
+    pixel_source: str | None = None,
 ) -> ScanInput:
-    """Read and normalise a scan; optionally resample slices to `pixel_mm` (the model's pixel size)."""
+    """Read and normalise a scan; resample slices to `pixel_mm` (the model's pixel size).
+
+    `model_modality` (the checkpoint's) refuses an input of another modality; `pixel_source` names
+    where `pixel_mm` came from ('--pixel-mm' when None: then a volume without spacing is an error,
+    while the checkpoint's spacing only warns).
+    """
     from btd.data.io import read_volume
 
     path = Path(path)
     raw, spacing, meta = read_volume(path)
-    mod = infer_modality(raw, meta, modality, path)
+    assumed = check_model_modality(raw, meta, modality, model_modality, path)
+    mod = infer_modality(raw, meta, modality or assumed, path)
     notes = []
     header = str(meta.get("modality") or "").upper()
     if modality is not None and header and {"CT": "ct", "MR": "mri"}.get(header, mod) != mod:
         notes.append(f"--modality {mod} overrides the DICOM modality {header}")
+    if known_modality(meta, modality) is None and model_modality is not None:
+        notes.append(f"modality not stored in the file; taken as the model's ({mod.upper()})")
     if prenormalized:
         norm = raw.astype(np.float32)
         lo, hi = float(norm.min()), float(norm.max())
@@ -177,20 +248,19 @@ def load_input(
         norm = np.clip(norm, 0.0, 1.0)
     else:
         norm = normalize_volume(raw, mod)
-    scale = (1.0, 1.0)
-    if pixel_mm is not None:
-        if not pixel_mm > 0:
-            raise BTDConfigError("pixel_mm", f"must be positive, got {pixel_mm!r}")
-        if not meta.get("spacing_known"):
-            raise BTDConfigError(
-                "pixel_mm", "the input volume has no pixel spacing (.npy / image); drop --pixel-mm"
-            )
-        scale = (spacing[1] / pixel_mm, spacing[2] / pixel_mm)
-        if scale != (1.0, 1.0):
-            norm = resample_inplane(norm, scale)
-            notes.append(
-                f"slices resampled from {spacing[1]:g} x {spacing[2]:g} mm to {pixel_mm:g} mm pixels"
-            )
+    plan = plan_resampling(spacing, meta, pixel_mm, pixel_source or "--pixel-mm")
+    scale = (float(plan["factors"][0]), float(plan["factors"][1]))
+    if plan["applied"]:
+        norm = resample_inplane(norm, scale)
+        notes.append(
+            f"slices resampled from {spacing[1]:g} x {spacing[2]:g} mm to {pixel_mm:g} mm pixels "
+            f"({plan['source']})"
+        )
+    if not meta.get("spacing_known"):
+        notes.append(
+            "the file stores no pixel spacing: scanned at its own pixels"
+            + (f", assumed to be the model's {pixel_mm:g} mm" if pixel_mm is not None else "")
+        )
     return ScanInput(
         volume=norm,
         foreground=foreground_mask(norm, mod),
@@ -202,38 +272,68 @@ def load_input(
         kind=input_kind(meta, path.is_dir()),
         scale=scale,
         notes=notes,
+        resampling=plan,
     )
 
 
 # ----------------------------------------------------------------------------- sites
 
 
+def read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """Header (lower-cased) and rows of a small CSV, read as text: no index column is guessed.
+
+    pandas silently turns the first field into the index when rows have one field more than the
+    header, which shifts every value into the wrong column; callers check the widths instead.
+    """
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise BTDInputError(path, f"not a readable CSV ({exc.__class__.__name__}: {exc})") from None
+    if not rows:
+        raise BTDInputError(path, "empty file; need a header and one row per site")
+    return [c.strip().lower() for c in rows[0]], rows[1:]
+
+
+def check_row_widths(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    """Every row has as many fields as the header (strict columns)."""
+    for i, row in enumerate(rows, start=1):
+        if len(row) != len(header):
+            raise BTDInputError(
+                path,
+                f"row {i}: {len(row)} fields, the header has {len(header)} ({','.join(header)})",
+            )
+
+
 def read_coords(path: str | Path, shape: tuple[int, int, int]) -> np.ndarray:
     """Suspect sites (n, 3) int (slice, y, x) from a CSV; every site must lie inside `shape`.
 
-    Column names are case-insensitive; other columns are ignored. Coordinates are 0-based voxel
-    indices of the volume as read (slices sorted along the scan axis).
+    Exactly the columns slice, y, x (any order, case-insensitive) and three fields in every row:
+    an extra or missing column would otherwise shift the values into the wrong axes.
+    Coordinates are 0-based voxel indices of the volume as read (slices sorted along the scan axis).
     """
     path = Path(path)
     if not path.is_file():
         raise BTDInputError(path, "coordinates file not found")
-    try:
-        table = pd.read_csv(path)
-    except (ValueError, OSError, UnicodeDecodeError) as exc:
-        raise BTDInputError(path, f"not a readable CSV ({exc.__class__.__name__}: {exc})") from None
-    table.columns = [str(c).strip().lower() for c in table.columns]
-    missing = [c for c in ("slice", "y", "x") if c not in table.columns]
+    header, rows = read_csv_rows(path)
+    missing = [c for c in ("slice", "y", "x") if c not in header]
     if missing:
-        raise BTDInputError(
-            path, f"missing columns {missing}; need slice,y,x (found {list(table.columns)})"
-        )
-    if table.empty:
+        raise BTDInputError(path, f"missing columns {missing}; need slice,y,x (found {header})")
+    extra = [c for c in header if c not in ("slice", "y", "x")]
+    if extra or len(header) != 3:
+        raise BTDInputError(path, f"extra columns {extra or header}; need exactly slice,y,x")
+    if not rows:
         raise BTDInputError(path, "no coordinates (the CSV has a header but no rows)")
-    values = table[["slice", "y", "x"]].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    check_row_widths(path, header, rows)
+    order = [header.index(c) for c in ("slice", "y", "x")]
+    table = pd.DataFrame([[r[j].strip() for j in order] for r in rows])
+    values = table.apply(pd.to_numeric, errors="coerce").to_numpy(float)
     bad = ~np.isfinite(values).all(axis=1)
     if bad.any():
         i = int(np.argmax(bad))
-        raise BTDInputError(path, f"row {i + 1}: slice, y, x must be numbers, got {values[i]}")
+        raise BTDInputError(path, f"row {i + 1}: slice, y, x must be numbers, got {rows[i]}")
     sites = np.rint(values).astype(np.int64)
     inside = ((sites >= 0) & (sites < np.asarray(shape))).all(axis=1)
     if not inside.all():
@@ -338,6 +438,18 @@ class SiteScores:
     seconds: float
 
 
+def check_finite_scores(scores: np.ndarray, offset: int = 0) -> None:
+    """NaN never exceeds a threshold: a NaN score would silently read as 'authentic'."""
+    bad = ~np.isfinite(np.asarray(scores, dtype=np.float64))
+    if bad.any():
+        raise BTDInputError(
+            "checkpoint",
+            f"the model gave {int(bad.sum())} non-finite (NaN/inf) score(s), the first at site "
+            f"{offset + int(np.argmax(bad))}; its weights are probably corrupt (NaN). "
+            "Nothing was written",
+        )
+
+
 def score_sites(
     diffusion,
     volume: np.ndarray,
@@ -359,9 +471,12 @@ def score_sites(
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise BTDConfigError("batch_size", f"must be a positive integer, got {batch_size!r}")
+    cap = max(len(sites), 1)  # a batch larger than the data would only allocate memory
     if fast is not None:
+        fast = replace(fast, batch_size=min(fast.batch_size, cap))
         run, batch_size = FastScorer(diffusion, fast).score, fast.batch_size
     else:
+        batch_size = min(batch_size, cap)
         run = partial(score, diffusion, batch_size=batch_size)
 
     size = int(diffusion.image_size[0])
@@ -376,6 +491,7 @@ def score_sites(
     for sl, patches, centres in prefetch(patch_chunks(volume, sites, size, 4 * batch_size)):
         kw = {"window": window, "centres": centres} if window is not None else {}
         s, maps = run(patches, **kw)
+        check_finite_scores(s, sl.start)
         scores[sl] = s
         for i in np.flatnonzero(s > threshold):
             kept.append(
@@ -431,16 +547,27 @@ class Threshold:
     n: int | None = None
 
 
+def check_threshold(threshold: Any) -> float:
+    """A user threshold: a finite number >= 0 (scores are mean squares; below 0 flags everything)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.floating):
+        raise BTDConfigError("threshold", f"must be a number, got {threshold!r}")
+    if not np.isfinite(threshold) or threshold < 0:
+        raise BTDConfigError("threshold", f"must be a finite number >= 0, got {threshold!r}")
+    return float(threshold)
+
+
 def resolve_threshold(checkpoint: str | Path, task: str, threshold: float | None) -> Threshold:
-    """`threshold` if given, else `calibration_<task>.json` beside the checkpoint."""
+    """`threshold` if given, else `calibration_<task>.json` beside the checkpoint.
+
+    A calibration file must record this checkpoint's hash: a resumed or swapped model scores on
+    another scale, and its old threshold would silently flag far too many or too few sites.
+    """
     from btd.detect.calibrate import Calibration, calibration_path
 
     if task not in TASKS:
         raise BTDConfigError("task", f"unknown {task!r}; use one of {TASKS}")
     if threshold is not None:
-        if not np.isfinite(threshold):
-            raise BTDConfigError("threshold", f"must be a finite number, got {threshold!r}")
-        return Threshold(float(threshold), "set with --threshold")
+        return Threshold(check_threshold(threshold), "set with --threshold")
     path = calibration_path(checkpoint, task)
     if not path.is_file():
         raise BTDInputError(
@@ -449,6 +576,7 @@ def resolve_threshold(checkpoint: str | Path, task: str, threshold: float | None
             f"--patches data/processed/<modality> --task {task}` first, or pass --threshold",
         )
     cal = Calibration.load(path)
+    cal.check_checkpoint(checkpoint, path)
     return Threshold(
         cal.threshold, f"calibration_{task}.json", cal.family, cal.target_fpr, int(cal.n)
     )
@@ -470,12 +598,6 @@ def site_table(scan: ScanInput, sites: np.ndarray, result: SiteScores) -> pd.Dat
         },
         columns=SCORE_COLUMNS,
     )
-
-
-def clear_previous(out_dir: Path) -> None:
-    """Remove heat maps of an earlier scan into the same folder (only files this module writes)."""
-    for old in out_dir.glob(FIGURE_PATTERN):
-        old.unlink()
 
 
 def write_heatmap(
@@ -627,6 +749,158 @@ def _write_text(path: Path, text: str) -> Path:
     return path
 
 
+def _source_name(source: str, root: Path) -> str:
+    """An input path as the user may see it: relative to the input root, never the folder chain.
+
+    Hospital exports name folders after the patient; the input root itself is shown by its file
+    name (a file) or as 'input folder' (a DICOM series folder).
+    """
+    path = Path(source)
+    if path == root:
+        return "input folder" if root.is_dir() else root.name
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return source if not path.is_absolute() else path.name
+
+
+def load_input_safely(path: Path, **kw: Any) -> ScanInput:
+    """`load_input` with the file named relative to the input root in any error."""
+    try:
+        return load_input(path, **kw)
+    except BTDInputError as exc:
+        raise BTDInputError(_source_name(exc.source, path), exc.problem) from None
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an output path that cannot take a scan report, before any work is done.
+
+    An existing folder is replaced as a whole at the end, so it may hold only what a scan writes:
+    a folder with other files (a home folder, a patient export) is never touched.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BTDInputError(
+            out_dir, "output path exists and is not a folder; pass a folder to --out"
+        )
+    if out_dir.is_dir():
+        foreign = sorted(p.name for p in out_dir.iterdir() if not _is_scan_output(p))
+        if foreign:
+            raise BTDInputError(
+                out_dir,
+                f"output folder holds files `btd scan` did not write ({foreign[0]}, ...); "
+                "choose a new or empty folder",
+            )
+    parent = out_dir.parent
+    if parent.exists() and not parent.is_dir():
+        raise BTDInputError(out_dir, f"{parent.name} is a file, not a folder")
+
+
+def _is_scan_output(path: Path) -> bool:
+    return path.is_file() and (path.name in SCAN_FILES or path.match(FIGURE_PATTERN))
+
+
+def _staging(out_dir: Path, what: str) -> Path:
+    """Sibling folder of `out_dir` for a scan in progress ('partial') or the replaced one ('old')."""
+    return out_dir.with_name(f".{out_dir.name}.btd-{what}")
+
+
+def begin_output(out_dir: Path) -> Path:
+    """A fresh staging folder beside `out_dir` (a killed scan's leftover one is removed)."""
+    import shutil
+
+    tmp = _staging(out_dir, "partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_output(tmp: Path, out_dir: Path, check: Callable[[Path], None] | None = None) -> None:
+    """Swap the finished staging folder in: the result is either the old report or the new one.
+
+    A kill between the two renames leaves no report at `out_dir` (the old one is beside it as
+    `.<name>.btd-old`), never a mix of both runs' files. `check` (default `check_out_dir`)
+    re-checks that `out_dir` holds only what the command writes before it is moved away.
+    """
+    import shutil
+
+    old = _staging(out_dir, "old")
+    shutil.rmtree(old, ignore_errors=True)
+    (check or check_out_dir)(out_dir)  # still only our outputs: nothing foreign is moved away
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def input_fingerprint(scan: ScanInput) -> dict[str, Any]:
+    """What identifies the input in summary.json without naming it: voxel hash and geometry."""
+    return {"sha256_12": scan.digest, "shape": list(scan.shape), "kind": scan.kind,
+            "modality": scan.modality, "spacing_mm": list(scan.spacing)}  # fmt: skip
+
+
+def summary_record(
+    scan: ScanInput, table: pd.DataFrame, thr: Threshold, task: str, ident: dict[str, Any], **kw
+) -> dict[str, Any]:
+    """summary.json: proves a folder holds one finished scan (written last, moved in with it)."""
+    return {
+        "complete": True,
+        "checkpoint": {"sha256": ident["sha256"], "step": ident["step"]},
+        "input": input_fingerprint(scan),
+        "model": {k: kw.get("model", {}).get(k) for k in ("modality", "pixel_mm", "patch_size")},
+        "resampling": dict(scan.resampling),
+        "task": task,
+        "threshold": {"value": thr.value, "source": thr.source},
+        "counts": {
+            "patches_scored": int(len(table)),
+            "flagged": int(table["flagged"].sum()),
+            "background_skipped": int(kw.get("n_skipped", 0)),
+            "heat_maps": int(kw.get("n_figures", 0)),
+        },
+    }
+
+
+def check_slice_size(scan: ScanInput, size: int) -> None:
+    """Slices smaller than the model's patch cannot be tiled or cut."""
+    _, h, w = scan.volume.shape
+    if h < size or w < size:
+        raise BTDInputError(
+            "input volume",
+            f"slices are {h}x{w} pixels, smaller than the model's {size}x{size} patches",
+        )
+
+
+def target_pixel_mm(
+    pixel_mm: float | None, model_mm: float | None, resample: bool
+) -> tuple[float | None, str]:
+    """The pixel size to resample to and where it comes from: --pixel-mm, else the checkpoint's."""
+    if pixel_mm is not None:
+        return pixel_mm, "--pixel-mm"
+    if resample and model_mm is not None:
+        return float(model_mm), "checkpoint"
+    return None, "--no-resample" if not resample else "none"
+
+
+def warn_resampling(scan: ScanInput, model_mm: float | None) -> None:
+    """One stderr line when the model's pixel size cannot be (or is not) matched."""
+    import sys
+
+    if not scan.meta.get("spacing_known"):
+        print(
+            "btd scan: warning: the input volume stores no pixel spacing; scanned at its own "
+            "pixels"
+            + (f", assumed to be the model's {model_mm:g} mm" if model_mm is not None else ""),
+            file=sys.stderr,
+        )
+    elif scan.resampling.get("source") == "--no-resample" and model_mm is not None:
+        dy, dx = scan.spacing[1:]
+        if (dy, dx) != (model_mm, model_mm):
+            print(
+                f"btd scan: warning: --no-resample: scanning {dy:g} x {dx:g} mm pixels with a "
+                f"model trained at {model_mm:g} mm",
+                file=sys.stderr,
+            )
+
+
 def run_scan(
     path: str | Path,
     checkpoint: str | Path,
@@ -646,26 +920,49 @@ def run_scan(
     device: str = "auto",
     fast: FastOptions | None = None,
     accelerator: Accelerator | None = None,
+    resample: bool = True,
 ) -> ScanReport | None:
-    """Scan one volume end to end and write scores.csv, flag_*.png and summary.md to `out_dir`.
+    """Scan one volume end to end and write scores.csv, flag_*.png, summary.md and summary.json.
 
     `task` defaults to 'inject' with `coords` (is the tumour there real?) and 'remove' without
-    (was one erased anywhere?). Checkpoint and threshold are checked before the volume is read.
-    With `accelerator` (under `accelerate launch`) the sites are scored by all processes; the main
-    process writes the outputs and returns the report, the others return None.
+    (was one erased anywhere?). Output path, checkpoint and threshold are checked before the
+    volume is read; the outputs are written into a staging folder beside `out_dir` and moved into
+    place at the end. With `accelerator` (under `accelerate launch`) the sites are scored by all
+    processes; the main process writes the outputs and returns the report, the others None.
+    The volume is resampled in-plane from its header spacing to `pixel_mm`, by default the
+    checkpoint's (`resample=False`: native pixels), and refused if it is of another modality
+    than the checkpoint's.
     """
-    from btd.diffusion.checkpoint import load_detector
+    from btd.diffusion.checkpoint import (
+        checkpoint_identity,
+        load_detector,
+        read_checkpoint_metadata,
+    )
     from btd.diffusion.train import resolve_device
 
     t0 = time.perf_counter()
     if not isinstance(max_figures, int) or max_figures < 0:
         raise BTDConfigError("max_figures", f"must be a non-negative integer, got {max_figures!r}")
+    out_dir = Path(out_dir).absolute()
+    check_out_dir(out_dir)
     task = task or ("inject" if coords is not None else "remove")
     dev = accelerator.device if accelerator is not None else resolve_device(device)
     diffusion, _ = load_detector(checkpoint, dev)
+    ident = checkpoint_identity(checkpoint)
+    model = read_checkpoint_metadata(checkpoint)
     thr = resolve_threshold(checkpoint, task, threshold)
     size = int(diffusion.image_size[0])
-    scan = load_input(path, modality, pixel_mm, prenormalized)
+    path = Path(path)
+    target, source = target_pixel_mm(pixel_mm, model.get("pixel_mm"), resample)
+    scan = load_input_safely(
+        path,
+        modality=modality,
+        pixel_mm=target,
+        prenormalized=prenormalized,
+        model_modality=model.get("modality"),
+        pixel_source=source,
+    )
+    check_slice_size(scan, size)
     if coords is not None:
         original = read_coords(coords, scan.shape)
         ry, rx = scan.to_resampled(original[:, 1], original[:, 2])
@@ -696,16 +993,14 @@ def run_scan(
         )
     else:
         result = SiteScores(np.empty(0), np.empty(0, bool), [], 0.0)
+    check_finite_scores(result.scores)
     table = site_table(scan, sites, result)
     if coords is not None:  # report the coordinates exactly as given
         table[["y", "x"]] = original[:, 1:]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clear_previous(out_dir)
-    scores_csv = out_dir / "scores.csv"
-    with atomic_path(scores_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.8g")
-    figures = write_heatmaps(out_dir, table, result, thr.value, win)
+    tmp = begin_output(out_dir)
+    with atomic_path(tmp / "scores.csv") as part:
+        table.to_csv(part, index=False, float_format="%.8g")
+    figures = write_heatmaps(tmp, table, result, thr.value, win)
     seconds = time.perf_counter() - t0
     timing = f"{seconds:.1f} s total, scoring {result.seconds:.2f} s on {dev}"
     if result.seconds > 0:
@@ -713,7 +1008,21 @@ def run_scan(
     text = summary_markdown(
         scan, table, thr, task, win, mode, n_skipped, len(figures), size, timing
     )
-    summary = _write_text(out_dir / "summary.md", text)
+    _write_text(tmp / "summary.md", text)
+    record = summary_record(
+        scan, table, thr, task, ident, n_skipped=n_skipped, n_figures=len(figures), model=model
+    )
+    write_json(tmp / "summary.json", record)
+    commit_output(tmp, out_dir)
+    warn_resampling(scan, model.get("pixel_mm"))  # last, so that a failure stays one line
     return ScanReport(
-        out_dir, table, figures, summary, scores_csv, thr, n_skipped, seconds, str(dev)
+        out_dir,
+        table,
+        [out_dir / f.name for f in figures],
+        out_dir / "summary.md",
+        out_dir / "scores.csv",
+        thr,
+        n_skipped,
+        seconds,
+        str(dev),
     )

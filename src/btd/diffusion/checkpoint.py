@@ -3,11 +3,17 @@
 A checkpoint is one `torch.save`d dict holding only tensors, dicts, lists, numbers and strings, so
 it loads with `torch.load(weights_only=True)` (no arbitrary pickled code runs on load). It holds the
 online model, the EMA model (what the detector uses), the optimiser, the step, the training RNG
-state, the training config and the loss history: enough to resume a killed run bit-exactly.
+state, the training config and the loss history: enough to resume a killed run bit-exactly; and
+`data`, what the training patches were (modality, pixel spacing, patch size, intensity rule, a
+fingerprint), which `btd scan` uses to bring its input to the same geometry.
 """
 
 from __future__ import annotations
 
+import hashlib
+import pickle
+import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +57,90 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def _short_reason(exc: BaseException) -> str:
-    """One line of a torch.load failure (its unpickler line when there is one)."""
+    """One line of a torch.load failure, never torch's advice about the weights_only option."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for line in lines:
-        if "Unpickler error" in line:
-            return line
+    lines = [ln for ln in lines if "weights_only" not in ln and "Weights only" not in ln]
     return lines[0] if lines else type(exc).__name__
+
+
+def _pickle_refusal(exc: BaseException) -> str | None:
+    """The refusal of a file that holds code, or None when `exc` is not the weights-only unpickler's.
+
+    Says what the file holds and that it was not loaded; it never relays torch's hint, which
+    suggests the unsafe option.
+    """
+    found = re.search(r"GLOBAL (\S+)", str(exc))
+    if not isinstance(exc, pickle.UnpicklingError) or found is None:
+        return None
+    found = f" (it calls {found.group(1)})"
+    return (
+        f"the file holds pickled Python code{found}, not only weights; it was not loaded, "
+        "because loading it could run that code. Use a checkpoint written by `btd train`"
+    )
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """SHA-256 of the checkpoint file: binds a calibration to the exact weights it was fitted on."""
+    path = Path(path)
+    if not path.is_file():
+        raise BTDInputError(path, "checkpoint file not found")
+    return _file_sha256(*_file_key(path))
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    """(path, size, mtime): a rewritten checkpoint gets a new key, so the caches never go stale."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+@lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Cached: a scan hashes its checkpoint once, however often it is checked."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=8)
+def _step(path: str, size: int, mtime_ns: int) -> int:
+    return int(read_checkpoint(path)["step"])
+
+
+#: What a checkpoint records about its input (None when unknown: checkpoints from before it).
+METADATA_FIELDS = ("modality", "pixel_mm", "patch_size", "intensity", "data_sha256")
+
+
+def checkpoint_metadata(state: dict[str, Any]) -> dict[str, Any]:
+    """Modality, pixel spacing, patch size, intensity rule, data fingerprint and step of a model.
+
+    Read from the checkpoint's `data` record (written by `btd train` / the pipeline); older
+    checkpoints have none, so those fields are None; the patch size then comes from the config.
+    """
+    data = state.get("data")
+    data = data if isinstance(data, dict) else {}
+    meta = {k: data.get(k) for k in METADATA_FIELDS}
+    if meta["patch_size"] is None:
+        meta["patch_size"] = state.get("config", {}).get("image_size")
+    if meta["modality"] not in (None, "ct", "mri"):
+        meta["modality"] = None
+    pixel = meta["pixel_mm"]
+    if isinstance(pixel, bool) or not isinstance(pixel, int | float) or not pixel > 0:
+        meta["pixel_mm"] = None
+    meta["step"] = int(state["step"])
+    return meta
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """`checkpoint_metadata` of a checkpoint file."""
+    return checkpoint_metadata(read_checkpoint(path))
+
+
+def checkpoint_identity(path: str | Path) -> dict[str, Any]:
+    """{'sha256', 'step'} of a checkpoint: what calibration files and scan summaries record."""
+    sha = checkpoint_sha256(path)
+    return {"sha256": sha, "step": _step(*_file_key(Path(path)))}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -67,6 +151,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types on garbage input
+        refusal = _pickle_refusal(exc)
+        if refusal is not None:
+            raise BTDInputError(path, refusal) from None
         first = _short_reason(exc)
         raise BTDInputError(
             path, f"not a readable torch checkpoint (corrupt, truncated or another format): {first}"

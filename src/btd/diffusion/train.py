@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from denoising_diffusion_pytorch import GaussianDiffusion
 from ema_pytorch import EMA
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from btd.atomic import atomic_path
 from btd.diffusion.checkpoint import (
@@ -235,8 +235,11 @@ def _new_state(config: TrainConfig, device: torch.device) -> _State:
     return _State(diffusion, ema, optimizer, generator)
 
 
-def _checkpoint_state(state: _State, config: TrainConfig) -> dict[str, Any]:
+def _checkpoint_state(
+    state: _State, config: TrainConfig, data: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
+        "data": dict(data or {}),  # what the patches are (btd.data.dataset.training_data_info)
         "config": config.to_dict(),
         "step": state.step,
         "model": state.diffusion.state_dict(),
@@ -407,6 +410,7 @@ def train(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
     accelerator: Accelerator | None = None,
+    data: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train (or resume training) a DDPM on [0, 1] patches (N, 1, P, P).
 
@@ -416,6 +420,9 @@ def train(
     `on_step(step)` is called after every step (progress hooks; tests use it to interrupt).
     `accelerator` (an `accelerate.Accelerator`) trains data-parallel on its device(s): the
     per-process batch is `batch_size`, the main process validates and writes the files.
+    `data` (plain types: modality, pixel_mm, patch_size, intensity, data_sha256; see
+    `btd.data.dataset.training_data_info`) is stored in the checkpoint so `btd scan` can check
+    and match its input; a resumed run without it keeps the stored record.
     """
     config.validate()
     device = accelerator.device if accelerator is not None else resolve_device(config.device)
@@ -436,6 +443,8 @@ def train(
         ckpt = load_checkpoint(ckpt_path, expected=config.to_dict())
         _check_resumable(ckpt_path, ckpt["config"], config)
         _restore(state, ckpt, ckpt_path)
+        if data is None:
+            data = ckpt.get("data")
     forward = None
     if accelerator is not None:
         forward, state.optimizer = accelerator.prepare(state.diffusion, state.optimizer)
@@ -469,7 +478,7 @@ def train(
             bar.set_postfix(loss=f"{entry['train_loss']:.4f}", val=f"{entry['val_loss']:.4f}")
         if state.step % config.ckpt_every == 0 or at_end:
             if is_main:
-                save_checkpoint(ckpt_path, _checkpoint_state(state, config))
+                save_checkpoint(ckpt_path, _checkpoint_state(state, config, data))
                 write_loss_log(csv_path, state.loss_log)
             if accelerator is not None:
                 accelerator.wait_for_everyone()
@@ -478,7 +487,7 @@ def train(
             on_step(state.step)
     bar.close()
     if is_main and not ckpt_path.exists():  # resumed a run that had already finished elsewhere
-        save_checkpoint(ckpt_path, _checkpoint_state(state, config))
+        save_checkpoint(ckpt_path, _checkpoint_state(state, config, data))
     if is_main and not csv_path.exists():
         write_loss_log(csv_path, state.loss_log)
     state.ema.ema_model.eval()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 
 class ResidualCNN(nn.Module):
@@ -64,7 +64,7 @@ def fit_residual_cnn(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y[idx]).sum())
         history.append({"epoch": epoch, "loss": total / len(x), "train_acc": correct / len(x)})
     model.eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from btd.evaluate.metrics import bootstrap
 from btd.pipeline.score import attack_of, btd_scenario_scores, modality_of

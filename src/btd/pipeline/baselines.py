@@ -48,6 +48,29 @@ def fit_all(
     return histories, pd.DataFrame(times)
 
 
+#: History columns that are bookkeeping, not a loss (never drawn on a loss axis, never a metric).
+NOT_LOSSES = ("seconds", "wall_s", "lr", "epoch", "step")
+
+
+def loss_columns(history: pd.DataFrame) -> pd.DataFrame:
+    """The loss curves of one history, indexed by its first column (epoch or step)."""
+    x = history.columns[0]
+    numeric = history.set_index(x).select_dtypes("number")
+    return numeric[[c for c in numeric.columns if c not in NOT_LOSSES]]
+
+
+def final_losses(histories: dict[str, dict[str, pd.DataFrame]]) -> dict[str, dict[str, float]]:
+    """DVC metrics of the stage: each baseline's last training/validation losses, per modality."""
+    out = {}
+    for modality, per_name in histories.items():
+        for name, history in per_name.items():
+            losses = loss_columns(history) if len(history) else pd.DataFrame()
+            if len(losses.columns) and len(losses):
+                last = losses.iloc[-1]
+                out[f"{modality}/{name}"] = {c: round(float(last[c]), 6) for c in losses.columns}
+    return out
+
+
 def load_all(names: list[str], modality: str, out_dir: str | Path) -> dict[str, Baseline]:
     """The fitted baselines of one modality, keyed by display name."""
     return {DISPLAY.get(n, n): load_baseline(Path(out_dir) / modality / f"{n}.pt") for n in names}

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from btd.attacks import inpaint_ddpm as diff
 from btd.attacks.ctgan import CTGANAttacker, removal_cube_mm, tamper_ct
 from btd.attacks.cubes import local_mean_hu, training_cubes
 from btd.attacks.testsets import SITE_COLUMNS, build_testset, check_disjoint
 from btd.data.patches import extract_patch
-from btd.data.preprocess import normalize_ct
+from btd.data.preprocess import normalize_ct, to_stored_grid
 from btd.data.records import ScanVolume
 
 #: attack -> (label of the holdout sites tampered, label of the holdout reals in the test set)
@@ -160,3 +160,77 @@ def hygiene(manifest: pd.DataFrame) -> dict[str, int]:
 def save_json_history(history, path: Path) -> None:
     """Training history rows as CSV beside the attacker (for the notebook's curves)."""
     pd.DataFrame(history).to_csv(path, index=False)
+
+
+def requantise(
+    fakes: np.ndarray, sites: pd.DataFrame, modality: str, scans: dict[str, ScanVolume]
+) -> np.ndarray:
+    """Fake patches as they read after being written into the scan in its stored integer type."""
+    out = np.empty_like(fakes, dtype=np.float32)
+    for i, patient in enumerate(sites["patient"].to_numpy()):
+        volume = scans[patient].volume if modality == "mri" else None
+        out[i] = to_stored_grid(fakes[i], modality, volume)
+    return out
+
+
+def build_testsets(
+    holdout: dict[str, tuple[np.ndarray, pd.DataFrame]],
+    val: dict[str, tuple[np.ndarray, pd.DataFrame]],
+    scans: dict[str, dict[str, ScanVolume]],
+    gans: dict[str, CTGANAttacker],
+    attackers: dict[str, diff.InpaintDDPM],
+    cfg: dict,
+    seed: int,
+) -> dict[str, tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
+    """The six test sets (CT-GAN CT, diffusion CT and MRI; inject and remove) from holdout patients.
+
+    CT injections go into aerated lung only. Every fake is written in the scanner's stored type
+    (CT-GAN tampers the int16 volume itself; the diffusion fakes are re-quantised), so fakes and reals
+    share one value grid. `cfg`: n_per_class, ct_mask_px, mri_margin_mm, jumps, jump_length,
+    inject_cond_scale.
+    """
+    pixel_mm = {m: next(iter(scans[m].values())).spacing[1] for m in ("ct", "mri")}
+    n = cfg["n_per_class"]
+    ct_inject_pool = aerated_sites(holdout["ct"][1].query("label == 'TB'"), scans["ct"])
+    testsets = {}
+    for attack in ("inject", "remove"):
+        site_label = SITES[attack][0]
+        ct_pool = ct_inject_pool if attack == "inject" else holdout["ct"][1]
+        sites = pick_sites(ct_pool, site_label, n, seed)
+        fakes = ctgan_fakes(
+            scans["ct"], sites, gans[attack], attack, holdout["ct"][0].shape[-1], seed
+        )
+        name = f"CTGAN-CT-{attack.capitalize()}"
+        testsets[name] = scenario_testset(name, holdout["ct"], fakes, n, seed)
+        for m in ("ct", "mri"):
+            patches, man = holdout[m]
+            sites = pick_sites(ct_pool if m == "ct" else man, site_label, n, seed)
+            train_d = val[m][1].query("label == 'TM'")["diameter_mm"].to_numpy()
+            images, masks, meta = diff.make_diffusion_fakes(
+                attackers[m], patches[sites.index.to_numpy()], sites.reset_index(drop=True),
+                attack, m, pixel_mm[m], train_d, ct_mask_px=cfg["ct_mask_px"],
+                mri_margin_mm=cfg["mri_margin_mm"], seed=seed, jumps=cfg["jumps"],
+                jump_length=cfg["jump_length"],
+                cond_scale=cfg["inject_cond_scale"] if attack == "inject" else 1.0,
+            )  # fmt: skip
+            images = requantise(images, sites.reset_index(drop=True), m, scans[m])
+            name = f"DIFF-{m.upper()}-{attack.capitalize()}"
+            testsets[name] = scenario_testset(name, holdout[m], (images, masks, meta), n, seed)
+    return testsets
+
+
+def before_after_rows(
+    testsets: dict[str, tuple[np.ndarray, np.ndarray, pd.DataFrame]],
+    holdout: dict[str, tuple[np.ndarray, pd.DataFrame]],
+) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(scenario, before, after, mask) of each scenario's first fake, for the Fig. 3 panel."""
+    rows = []
+    for name, (images, masks, meta) in testsets.items():
+        i = int(np.flatnonzero(meta["fake"].to_numpy() == 1)[0])
+        patches, man = holdout["mri" if "-MRI-" in name else "ct"]
+        r = meta.iloc[i]
+        src = man[(man["patient"] == r["patient"]) & (man["slice"] == r["slice"])
+                  & (man["cy"] == r["cy"]) & (man["cx"] == r["cx"])]  # fmt: skip
+        before = patches[src.index[0], 0] if len(src) else images[i, 0]
+        rows.append((name, before, images[i, 0], masks[i]))
+    return rows

@@ -8,11 +8,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from scipy import stats
 
 from btd.atomic import write_atomic
 from btd.detect.calibrate import Calibration, calibration_path
+from btd.detect.control import CONTROL
 from btd.evaluate.analysis import normalise_at_fpr, rates_at_threshold, roc_points
-from btd.evaluate.metrics import bootstrap_table
+from btd.evaluate.metrics import auc, bootstrap_table
 from btd.pipeline.score import attack_of, modality_of
 from btd.viz import save
 
@@ -37,26 +39,49 @@ def metrics_json(t1: pd.DataFrame) -> dict:
     return out
 
 
-def write_roc_data(scores: pd.DataFrame, folder: str | Path, method: str = "BTD") -> None:
-    """One CSV (fpr, tpr) per scenario for DVC plots."""
-    for scenario, g in scores[scores["method"] == method].groupby("scenario"):
-        pts = roc_points(g["fake"].to_numpy(), g["score"].to_numpy())
-        write_atomic(Path(folder) / f"{scenario}.csv", lambda p, d=pts: d.to_csv(p, index=False))
+def roc_table(scores: pd.DataFrame, scenario: str) -> pd.DataFrame:
+    """ROC points of every method on one scenario, labelled 'method (AUC x.xx)', plus the chance line."""
+    frames = []
+    for method, g in scores[scores["scenario"] == scenario].groupby("method", sort=False):
+        labels, values = g["fake"].to_numpy(), g["score"].to_numpy()
+        pts = roc_points(labels, values)
+        frames.append(pts.assign(method=f"{method} (AUC {auc(labels, values):.2f})"))
+    frames.append(
+        pd.DataFrame({"fpr": [0.0, 1.0], "tpr": [0.0, 1.0], "method": "chance (AUC 0.50)"})
+    )
+    return pd.concat(frames, ignore_index=True)[["method", "fpr", "tpr"]]
+
+
+def write_roc_data(scores: pd.DataFrame, folder: str | Path) -> None:
+    """One CSV (method, fpr, tpr) per scenario for `dvc plots` (template roc_step)."""
+    for scenario in sorted(scores["scenario"].unique()):
+        table = roc_table(scores, scenario)
+        write_atomic(Path(folder) / f"{scenario}.csv", lambda p, d=table: d.to_csv(p, index=False))
 
 
 def roc_figure(scores: pd.DataFrame, path: str | Path) -> plt.Figure:
-    """Fig. 4: ROC curves of every method, one panel per scenario."""
+    """Fig. 4: ROC curves of every method (AUC in the legend), one panel per scenario."""
     scenarios = sorted(scores["scenario"].unique())
-    fig, axes = plt.subplots(2, 3, figsize=(13, 8), squeeze=False)
+    cols = min(3, len(scenarios))
+    rows = -(-len(scenarios) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.4 * rows), squeeze=False)
+    for ax in axes.ravel()[len(scenarios) :]:
+        ax.axis("off")
     for ax, scenario in zip(axes.ravel(), scenarios, strict=False):
-        for method, g in scores[scores["scenario"] == scenario].groupby("method"):
-            pts = roc_points(g["fake"].to_numpy(), g["score"].to_numpy())
-            ax.plot(pts["fpr"], pts["tpr"], lw=2.2 if method == "BTD" else 1, label=method)
-        ax.plot([0, 1], [0, 1], ":", color="grey")
-        ax.set_title(scenario)
-        ax.set_xlabel("FPR")
-        ax.set_ylabel("TPR")
-    axes.ravel()[0].legend(fontsize=7)
+        table = roc_table(scores, scenario)
+        for label, g in table.groupby("method", sort=False):
+            if label.startswith("chance"):
+                ax.plot(g["fpr"], g["tpr"], ":", color="grey", label=label)
+            else:
+                lw = 2.4 if label.startswith("BTD ") else 1.0
+                ax.step(g["fpr"], g["tpr"], where="post", lw=lw, label=label)
+        ax.set_title(scenario, fontsize=10)
+        ax.set_xlabel("false-positive rate")
+        ax.set_ylabel("true-positive rate")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
     save(fig, path)
     return fig
 
@@ -74,13 +99,23 @@ def size_analysis(scores: pd.DataFrame, fpr: float = 0.1, method: str = "BTD") -
 
 
 def size_figure(sizes: pd.DataFrame, path: str | Path) -> plt.Figure:
-    """Tumour diameter vs normalised BTD score (> 1 = detected at the FPR), per scenario."""
+    """Fig. 7: tumour diameter vs normalised BTD score (> 1 = detected at the FPR), per scenario.
+
+    Scenarios whose fakes have no diameter (CT-GAN injects a tumour of its own choosing; the site
+    has no annotation) get no panel; the title says which were left out.
+    """
+    known = sizes.dropna(subset=["diameter_mm", "normalised_score"])
+    left_out = sorted(set(sizes["scenario"]) - set(known["scenario"]))
     grid = sns.lmplot(
-        data=sizes, x="diameter_mm", y="normalised_score", col="scenario", col_wrap=3, height=2.8,
+        data=known, x="diameter_mm", y="normalised_score", col="scenario", col_wrap=3, height=2.8,
         scatter_kws={"s": 10, "alpha": 0.6}, facet_kws={"sharey": False},
     )  # fmt: skip
     for ax in grid.axes.ravel():
         ax.axhline(1.0, color="red", lw=0.8, ls="--")
+    grid.set_axis_labels("tumour diameter (mm)", "score / threshold at FPR")
+    grid.set_titles("{col_name}")
+    if left_out:
+        grid.figure.suptitle(f"no diameters (not shown): {', '.join(left_out)}", fontsize=9, y=1.02)
     save(grid.figure, path)
     return grid.figure
 
@@ -95,19 +130,38 @@ def calibration_check(
         ckpt = Path(model_dir) / modality_of(scenario) / "checkpoint.pt"
         cal = Calibration.load(calibration_path(ckpt, attack))
         rates = rates_at_threshold(g["fake"].to_numpy(), g["score"].to_numpy(), cal.threshold)
+        n_real = int((g["fake"] == 0).sum())
+        lo, hi = fpr_interval(cal.target_fpr, n_real)
         rows.append({"scenario": scenario, "target_fpr": cal.target_fpr, "family": cal.family,
-                     "threshold": cal.threshold, "test_fpr": rates["fpr"], "test_tpr": rates["tpr"]})  # fmt: skip
+                     "threshold": cal.threshold, "test_fpr": rates["fpr"], "test_tpr": rates["tpr"],
+                     "n_real": n_real, "fpr_lo": lo, "fpr_hi": hi,
+                     "holds": bool(lo <= rates["fpr"] <= hi)})  # fmt: skip
     return pd.DataFrame(rows)
 
 
+def fpr_interval(target: float, n_real: int, level: float = 0.95) -> tuple[float, float]:
+    """Central binomial interval of the FPR a calibrated threshold shows on `n_real` real samples:
+    a test FPR outside it says the calibration does not hold on that test set."""
+    if n_real < 1:
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2.0
+    return (
+        float(stats.binom.ppf(tail, n_real, target) / n_real),
+        float(stats.binom.ppf(1.0 - tail, n_real, target) / n_real),
+    )
+
+
 def best_baselines(t1: pd.DataFrame) -> pd.DataFrame:
-    """Per scenario: BTD's AUC and the best baseline (by mean AUC) beside it."""
+    """Per scenario: BTD's AUC, the no-learning control's, and the best baseline (by mean AUC)."""
     rows = []
     for scenario, g in t1.groupby("scenario"):
         btd = g[g["method"] == "BTD"].iloc[0]
-        others = g[g["method"] != "BTD"]
+        control = g[g["method"] == CONTROL]
+        others = g[~g["method"].isin(["BTD", CONTROL])]
         best = others.loc[others["auc"].idxmax()] if len(others) else None
         rows.append({"scenario": scenario, "BTD_auc": btd["auc"], "BTD_eer": btd["eer"],
+                     "BTD_auc_lo": btd["auc_lo"], "BTD_auc_hi": btd["auc_hi"],
+                     "control_auc": control["auc"].iloc[0] if len(control) else np.nan,
                      "best_baseline": None if best is None else best["method"],
                      "best_baseline_auc": np.nan if best is None else best["auc"]})  # fmt: skip
     return pd.DataFrame(rows)

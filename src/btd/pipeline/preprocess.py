@@ -11,7 +11,12 @@ import numpy as np
 import pandas as pd
 
 from btd.data.acquire import acquire
-from btd.data.dataset import build_patch_dataset, save_patch_dataset
+from btd.data.dataset import (
+    build_patch_dataset,
+    common_pixel_mm,
+    dataset_info,
+    save_patch_dataset,
+)
 from btd.data.records import ScanVolume
 from btd.data.scans import save_scan
 from btd.params import parse_list, require_positive
@@ -74,7 +79,8 @@ def preprocess_modality(
         seed,
         margin_mm,
     )
-    save_patch_dataset(Path(processed_dir) / modality, patches, manifest)
+    info = dataset_info(modality, common_pixel_mm(scans), int(cfg["patch_size"]), split="patient")
+    save_patch_dataset(Path(processed_dir) / modality, patches, manifest, info)
     return ModalityResult(modality, scans, patches, manifest, t1 - t0, time.perf_counter() - t1)
 
 
@@ -92,7 +98,7 @@ def counts_table(manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def stage_metrics(results: list[ModalityResult]) -> dict:
-    """The numbers DVC tracks for this stage (cohort sizes and times)."""
+    """The numbers DVC tracks for this stage (cohort sizes)."""
     out: dict = {}
     for r in results:
         m = r.manifest
@@ -105,7 +111,16 @@ def stage_metrics(results: list[ModalityResult]) -> dict:
             "patches_per_split": {
                 k: int(v) for k, v in m["split"].value_counts().sort_index().items()
             },
+        }
+    return out
+
+
+def stage_timings(results: list) -> dict:
+    """How long each part took (run info, not a DVC metric: it changes from run to run)."""
+    return {
+        r.modality: {
             "seconds_acquire": round(r.seconds_acquire, 1),
             "seconds_patches": round(r.seconds_patches, 1),
         }
-    return out
+        for r in results
+    }

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from btd.attacks.testsets import SCENARIOS, load_testset
 from btd.detect.btd import score as btd_score
+from btd.detect.control import CONTROL, laplacian_score
 
 SCORE_COLUMNS = [
     "method",
@@ -49,6 +50,15 @@ def btd_scenario_scores(
     return btd_score(detector, images, **kw)[0]
 
 
+def control_scenario_scores(
+    images: np.ndarray, meta: pd.DataFrame, attack: str, window: int
+) -> np.ndarray:
+    """The Laplacian control over exactly the region BTD scores (window at the centre / patch)."""
+    if attack == "inject":
+        return laplacian_score(images, window, meta[["py", "px"]].to_numpy(dtype=np.float64))
+    return laplacian_score(images)
+
+
 def tidy(method: str, scenario: str, meta: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
     """Rows of the score table for one method on one scenario."""
     return pd.DataFrame(
@@ -72,7 +82,8 @@ def score_all(
     baselines: dict[str, dict[str, object]],
     windows: dict[str, int],
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Score every scenario with BTD and every baseline; also return seconds per (method, scenario)."""
+    """Score every scenario with BTD, the Laplacian control and every baseline; also return seconds
+    per (method, scenario)."""
     frames, timing = [], []
     for scenario, (images, _, meta) in tqdm(testsets.items(), desc="scoring test sets"):
         m = modality_of(scenario)
@@ -80,6 +91,12 @@ def score_all(
         s = btd_scenario_scores(detectors[m], images, meta, attack_of(scenario), windows[m])
         timing.append({"method": "BTD", "scenario": scenario, "seconds": time.perf_counter() - t0})
         frames.append(tidy("BTD", scenario, meta, s))
+        t0 = time.perf_counter()
+        s = control_scenario_scores(images, meta, attack_of(scenario), windows[m])
+        timing.append(
+            {"method": CONTROL, "scenario": scenario, "seconds": time.perf_counter() - t0}
+        )
+        frames.append(tidy(CONTROL, scenario, meta, s))
         for name, baseline in baselines.get(m, {}).items():
             t0 = time.perf_counter()
             s = baseline.score(images)
@@ -88,3 +105,13 @@ def score_all(
             )
             frames.append(tidy(name, scenario, meta, s))
     return pd.concat(frames, ignore_index=True), pd.DataFrame(timing)
+
+
+def score_metrics(scores: pd.DataFrame) -> dict:
+    """DVC metrics of the stage: how many scores, and that every one is finite."""
+    return {
+        "n_scores": int(len(scores)),
+        "n_finite": int(np.isfinite(scores["score"].to_numpy(dtype=float)).sum()),
+        "methods": int(scores["method"].nunique()),
+        "scenarios": int(scores["scenario"].nunique()),
+    }

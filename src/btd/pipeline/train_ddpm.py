@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from btd.data.dataset import load_patch_dataset
+from btd.data.dataset import load_patch_dataset, training_data_info
 from btd.detect.btd import score
 from btd.detect.calibrate import Calibration, calibration_path, fit_threshold
 from btd.diffusion.checkpoint import load_detector
@@ -27,7 +27,11 @@ def train_config(image_size: int, seed: int, **kw) -> TrainConfig:
 
 
 def train_or_resume(
-    train_x: np.ndarray, val_x: np.ndarray, config: TrainConfig, out_dir: str | Path
+    train_x: np.ndarray,
+    val_x: np.ndarray,
+    config: TrainConfig,
+    out_dir: str | Path,
+    data: dict | None = None,
 ) -> TrainResult:
     """Resume the checkpoint in `out_dir` if it is the same run; otherwise start afresh and say why.
 
@@ -36,12 +40,12 @@ def train_or_resume(
     """
     out_dir = Path(out_dir)
     try:
-        return train(train_x, config, out_dir, val_patches=val_x, resume=True)
+        return train(train_x, config, out_dir, val_patches=val_x, resume=True, data=data)
     except (BTDInputError, BTDConfigError) as exc:
         if not (out_dir / CHECKPOINT_NAME).exists():
             raise
         print(f"not resuming {out_dir / CHECKPOINT_NAME}: {exc}; training from scratch")
-        return train(train_x, config, out_dir, val_patches=val_x, resume=False)
+        return train(train_x, config, out_dir, val_patches=val_x, resume=False, data=data)
 
 
 def window_centres(manifest) -> np.ndarray:
@@ -94,7 +98,8 @@ def run(
     folder = Path(processed_dir) / modality
     train_x, _ = load_patch_dataset(folder, "train")
     val_x, val_m = load_patch_dataset(folder, "val")
-    result = train_or_resume(train_x, val_x, config, Path(model_dir) / modality)
+    data = training_data_info(folder)
+    result = train_or_resume(train_x, val_x, config, Path(model_dir) / modality, data)
     detector, _ = load_detector(result.checkpoint)
     cals = calibrate(detector, val_x, val_m, window, target_fpr, result.checkpoint)
     return result, cals, time.perf_counter() - t0
