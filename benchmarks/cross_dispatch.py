@@ -52,7 +52,8 @@ def fresh_copy(dest: Path, profile: str) -> Path:
 
 def reproduce(repo: Path, extra_env: dict[str, str]) -> None:
     env = {k: v for k, v in os.environ.items() if k not in LIMITED}
-    env.update(extra_env, BTD_ROOT=str(repo), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    env.update(extra_env, BTD_ROOT=str(repo), PYTHONPATH=str(repo / "src"))
+    env.setdefault("OMP_NUM_THREADS", "1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     subprocess.run(["dvc", "repro", "--pull"], cwd=repo, env=env, check=True)
 

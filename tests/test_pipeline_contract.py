@@ -110,3 +110,34 @@ def test_profile_apply_rewrites_params(tmp_path: Path) -> None:
     p.write_text((ROOT / "params.yaml").read_text())
     profiles.apply("tiny", p)
     assert yaml.safe_load(p.read_text())["data"]["ct"]["patch_size"] == 24
+
+
+@pytest.mark.parametrize("stage,cmd", _papermill_cmds(), ids=lambda v: v if len(v) < 30 else "")
+def test_notebook_defaults_equal_params_yaml(stage: str, cmd: str) -> None:
+    """ "Run All" in JupyterLab runs the default experiment: every parameter a stage passes from
+    params.yaml has that value as the notebook's own default."""
+    import ast
+
+    tokens = shlex.split(re.sub(r"\$\{(pm|strip)\}", "", cmd))
+    declared = papermill.inspect_notebook(str(ROOT / tokens[1]))
+    for i, t in enumerate(tokens):
+        if t not in ("-p", "-r"):
+            continue
+        name, value = tokens[i + 1], tokens[i + 2]
+        ref = re.fullmatch(r"\$\{([^}]+)\}", value)
+        if not ref or ref.group(1).startswith("item") or ref.group(1) == "key":
+            continue
+        expected = _lookup(PARAMS, ref.group(1))
+        default = ast.literal_eval(declared[name]["default"])
+        assert default == expected, (
+            f"{stage}: notebook default {name} = {default!r}, params.yaml {expected!r}"
+        )
+
+
+def test_runtime_knobs_are_not_notebook_parameters() -> None:
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        declared = set(papermill.inspect_notebook(str(nb)))
+        knobs = {"threads", "device", "n_jobs", "val_every", "ckpt_every"}
+        assert not declared & knobs, (
+            f"{nb.name}: runtime knobs {declared & knobs} (use btd.runinfo)"
+        )

@@ -59,7 +59,7 @@ class Runtime:
     threads: int = 2
     device: str = "cpu"
     n_jobs: int = 2
-    val_every: int = 200
+    val_every: int = 50
     ckpt_every: int = 500
 
 

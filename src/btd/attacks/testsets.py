@@ -30,14 +30,6 @@ from torch import nn
 from btd.atomic import default_mode
 from btd.errors import BTDConfigError, BTDInputError
 
-SCENARIOS = (
-    "CTGAN-CT-Inject",
-    "CTGAN-CT-Remove",
-    "DIFF-CT-Inject",
-    "DIFF-CT-Remove",
-    "DIFF-MRI-Inject",
-    "DIFF-MRI-Remove",
-)
 META_COLUMNS = [
     "sample_id", "scenario", "attack", "label", "fake", "patient", "scanner",
     "slice", "cy", "cx", "py", "px", "diameter_mm",

@@ -1,4 +1,4 @@
-"""Detector subcommands of `btd`: train, score, calibrate, scan.
+"""Detector subcommands of `btd`: prepare, train, score, calibrate, scan.
 
 Thin argparse wrappers: the work is done by `btd.diffusion.train`, `btd.detect.btd`,
 `btd.detect.calibrate` and `btd.detect.scan`. Heavy imports (torch) happen inside the handlers so
@@ -126,6 +126,89 @@ def _add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
         default=default,
         help=f"cpu | cuda | cuda:N | auto (cuda when available; default {default})",
     )
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def _split_fractions(text: str) -> dict[str, float]:
+    """--split 0.6,0.2,0.2: train, val, holdout fractions (checked to sum to 1 by the library)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not three numbers like 0.6,0.2,0.2: {text!r}") from None
+    if len(values) != 3 or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"need three fractions >= 0 like 0.6,0.2,0.2: {text!r}")
+    return dict(zip(("train", "val", "holdout"), values, strict=True))
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from btd.data.prepare import prepare_dataset
+
+    result = prepare_dataset(
+        args.inputs,
+        args.out,
+        pixel_mm=args.pixel_mm,
+        patch_size=args.patch_size,
+        modality=args.modality,
+        labels=args.labels,
+        sites=args.sites,
+        healthy_per_slice=args.healthy_per_slice,
+        fractions=args.split,
+        seed=args.seed,
+        margin_mm=args.margin_mm,
+    )
+    for warning in result.warnings:
+        print(f"btd prepare: warning: {warning}", file=sys.stderr)
+    m = result.manifest
+    counts = ", ".join(f"{k} {v}" for k, v in m.groupby(["split", "label"]).size().items())
+    print(
+        f"wrote {len(m)} patches of {args.patch_size}x{args.patch_size} px at {args.pixel_mm:g} mm "
+        f"from {len(args.inputs)} volume(s), split by {result.split_by} ({counts}) -> {args.out}"
+    )
+    print(f"next: btd train --patches {args.out} --out <model folder>")
+    return 0
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="turn your own volumes (+ tumour labels) into a patch folder for `btd train`",
+        formatter_class=RAW,
+        description=_wrap(
+            "Read DICOM series folders / NIfTI / NRRD volumes, resample their slices to "
+            "--pixel-mm, normalise them like the pipeline (CT: -700..2000 HU -> [0,1]; MRI: "
+            "per-patient standardisation) and cut tumour (TM) patches at each labelled blob and "
+            "healthy (TB) patches away from any lesion. Patients are split into train / val / "
+            "holdout (a single patient is split by slice, with a warning). Writes patches.npy, "
+            "manifest.csv and dataset.json (modality, pixel size, patch size) to --out."
+        ),
+        epilog="examples:\n"
+        "  btd prepare scan1.nrrd scan2.nrrd --labels lab1.nrrd lab2.nrrd --modality ct \\\n"
+        "      --out data/mine/ct\n"
+        "  btd prepare /data/series_0001 --sites sites.csv --pixel-mm 1.4 --out data/mine/ct\n"
+        "sites CSV: header slice,y,x,diameter_mm; 0-based voxel indices of the volume as read.",
+    )
+    p.add_argument("inputs", nargs="+", help="DICOM series folders, .nii(.gz) or .nrrd volumes")
+    p.add_argument("--out", required=True, help="patch folder to write (new, or a dataset folder)")
+    p.add_argument("--labels", nargs="+", help="one label volume per input (lesion = label > 0)")
+    p.add_argument("--sites", nargs="+", help="one CSV per input: slice,y,x,diameter_mm")
+    p.add_argument(
+        "--modality", choices=("ct", "mri"), help="required unless the DICOM header says it"
+    )
+    p.add_argument("--pixel-mm", type=float, default=1.4, help="pixel size to resample to (1.4)")
+    p.add_argument("--patch-size", type=_positive_int, default=48, help="patch side in px (48)")
+    p.add_argument(
+        "--healthy-per-slice", type=_positive_int, default=2, help="TB patches per slice (2)"
+    )
+    p.add_argument(
+        "--margin-mm", type=float, help="TB centres this far from tumours (default half a patch)"
+    )
+    p.add_argument(
+        "--split", type=_split_fractions, help="train,val,holdout fractions (0.6,0.2,0.2)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of healthy sites and splits (0)")
+    p.set_defaults(func=_prepare)
 
 
 # ----------------------------------------------------------------------------- train
@@ -655,9 +738,9 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add train, score, calibrate and scan to the `btd` command."""
-    for add in (_add_train, _add_score, _add_calibrate, _add_scan):
+    """Add prepare, train, score, calibrate and scan to the `btd` command."""
+    for add in (_add_prepare, _add_train, _add_score, _add_calibrate, _add_scan):
         add(sub)
-    for name in ("train", "score", "calibrate", "scan"):
+    for name in ("prepare", "train", "score", "calibrate", "scan"):
         p = one_line_usage_errors(sub.choices[name])
         p.set_defaults(func=one_line_failures(name, p.get_default("func")))

@@ -13,8 +13,9 @@ from scipy import ndimage
 
 from btd.detect.btd import window_scores
 from btd.errors import BTDInputError
+from btd.scenarios import CONTROL
 
-CONTROL = "Laplacian (control)"
+__all__ = ["CONTROL", "laplacian_maps", "laplacian_score"]
 
 
 def laplacian_maps(x01: np.ndarray) -> np.ndarray:

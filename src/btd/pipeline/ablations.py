@@ -7,7 +7,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from btd.evaluate.metrics import bootstrap
-from btd.pipeline.score import attack_of, btd_scenario_scores, modality_of
+from btd.pipeline.score import btd_scenario_scores
+from btd.scenarios import attack_of, modality_of
 
 
 def subsample(meta: pd.DataFrame, per_class: int, seed: int) -> np.ndarray:

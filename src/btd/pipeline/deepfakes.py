@@ -15,10 +15,17 @@ from tqdm import tqdm
 from btd.attacks import inpaint_ddpm as diff
 from btd.attacks.ctgan import CTGANAttacker, removal_cube_mm, tamper_ct
 from btd.attacks.cubes import local_mean_hu, training_cubes
-from btd.attacks.testsets import SITE_COLUMNS, build_testset, check_disjoint
+from btd.attacks.testsets import (
+    SITE_COLUMNS,
+    attack_success,
+    build_testset,
+    check_disjoint,
+    realism_stats,
+)
 from btd.data.patches import extract_patch
 from btd.data.preprocess import normalize_ct, to_stored_grid
 from btd.data.records import ScanVolume
+from btd.scenarios import attack_of, modality_of, scenario_name
 
 #: attack -> (label of the holdout sites tampered, label of the holdout reals in the test set)
 SITES = {"inject": ("TB", "TM"), "remove": ("TM", "TB")}
@@ -140,7 +147,7 @@ def scenario_testset(
 ):
     """Holdout reals of the scenario's real label (up to n_real) + the fakes -> one test set."""
     patches, manifest = holdout
-    attack = "inject" if scenario.endswith("Inject") else "remove"
+    attack = attack_of(scenario)
     reals = pick_sites(manifest, SITES[attack][1], n_real, seed)
     return build_testset(
         scenario, (patches[reals.index.to_numpy()], reals.reset_index(drop=True)), fakes
@@ -200,7 +207,7 @@ def build_testsets(
         fakes = ctgan_fakes(
             scans["ct"], sites, gans[attack], attack, holdout["ct"][0].shape[-1], seed
         )
-        name = f"CTGAN-CT-{attack.capitalize()}"
+        name = scenario_name("CTGAN", "ct", attack)
         testsets[name] = scenario_testset(name, holdout["ct"], fakes, n, seed)
         for m in ("ct", "mri"):
             patches, man = holdout[m]
@@ -214,7 +221,7 @@ def build_testsets(
                 cond_scale=cfg["inject_cond_scale"] if attack == "inject" else 1.0,
             )  # fmt: skip
             images = requantise(images, sites.reset_index(drop=True), m, scans[m])
-            name = f"DIFF-{m.upper()}-{attack.capitalize()}"
+            name = scenario_name("DIFF", m, attack)
             testsets[name] = scenario_testset(name, holdout[m], (images, masks, meta), n, seed)
     return testsets
 
@@ -227,10 +234,25 @@ def before_after_rows(
     rows = []
     for name, (images, masks, meta) in testsets.items():
         i = int(np.flatnonzero(meta["fake"].to_numpy() == 1)[0])
-        patches, man = holdout["mri" if "-MRI-" in name else "ct"]
+        patches, man = holdout[modality_of(name)]
         r = meta.iloc[i]
         src = man[(man["patient"] == r["patient"]) & (man["slice"] == r["slice"])
                   & (man["cy"] == r["cy"]) & (man["cx"] == r["cx"])]  # fmt: skip
         before = patches[src.index[0], 0] if len(src) else images[i, 0]
         rows.append((name, before, images[i, 0], masks[i]))
     return rows
+
+
+def judge_attacks(
+    testsets: dict[str, tuple[np.ndarray, np.ndarray, pd.DataFrame]], classifiers: dict
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """Attack success (share of fakes the real-data tumour classifier calls what the attack claims)
+    and realism (intensity and noise inside vs outside the tamper mask) per scenario."""
+    success, realism = {}, []
+    for name, (images, masks, meta) in testsets.items():
+        fake = meta["fake"].to_numpy() == 1
+        success[name] = attack_success(
+            classifiers[modality_of(name)], images[fake], attack_of(name)
+        )
+        realism.append(realism_stats(images, masks, meta).assign(scenario=name))
+    return success, pd.concat(realism)

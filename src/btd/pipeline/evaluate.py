@@ -12,10 +12,9 @@ from scipy import stats
 
 from btd.atomic import write_atomic
 from btd.detect.calibrate import Calibration, calibration_path
-from btd.detect.control import CONTROL
 from btd.evaluate.analysis import normalise_at_fpr, rates_at_threshold, roc_points
 from btd.evaluate.metrics import auc, bootstrap_table
-from btd.pipeline.score import attack_of, modality_of
+from btd.scenarios import CONTROL, attack_of, modality_of
 from btd.viz import save
 
 

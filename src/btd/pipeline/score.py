@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from btd.attacks.testsets import SCENARIOS, load_testset
+from btd.attacks.testsets import load_testset
 from btd.detect.btd import score as btd_score
-from btd.detect.control import CONTROL, laplacian_score
+from btd.detect.control import laplacian_score
+from btd.scenarios import CONTROL, SCENARIOS, attack_of, modality_of
 
 SCORE_COLUMNS = [
     "method",
@@ -23,16 +24,6 @@ SCORE_COLUMNS = [
     "diameter_mm",
     "score",
 ]
-
-
-def modality_of(scenario: str) -> str:
-    """'DIFF-MRI-Inject' -> 'mri'."""
-    return "mri" if "-MRI-" in scenario else "ct"
-
-
-def attack_of(scenario: str) -> str:
-    """'CTGAN-CT-Remove' -> 'remove'."""
-    return scenario.rsplit("-", 1)[1].lower()
 
 
 def load_testsets(folder: str | Path, scenarios: tuple[str, ...] = SCENARIOS) -> dict[str, tuple]:

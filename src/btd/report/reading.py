@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from btd.detect.control import CONTROL
+from btd.scenarios import CONTROL
 
 SUCCESS_FLOOR = 0.8  # an attack that fools the tumour classifier less often than this is weak
 
