@@ -101,7 +101,9 @@ def direct_scores(detector, norm: np.ndarray, sites, window=None) -> np.ndarray:
 # ----------------------------------------------------------------------------- help
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["score"], ["calibrate"], ["scan"]])
+@pytest.mark.parametrize(
+    "command", [[], ["prepare"], ["train"], ["score"], ["calibrate"], ["scan"]]
+)
 def test_help_exits_zero(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*command, "--help"])

@@ -1,4 +1,4 @@
-"""Issue 14 items 1-2: `btd prepare`, checkpoint metadata, and `btd scan` matching the checkpoint."""
+"""Issue 14 items 1-2: `btd prepare`, checkpoint metadata, `btd scan` matching the checkpoint."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ import torch
 from fixtures_medical import ct_phantom, write_ct_series, write_nifti
 
 from btd.cli import main
-from btd.data.dataset import load_patch_dataset, read_dataset_info, training_data_info
+from btd.data.dataset import (
+    common_pixel_mm,
+    load_patch_dataset,
+    read_dataset_info,
+    training_data_info,
+)
 from btd.data.prepare import prepare_dataset
 from btd.data.preprocess import CT_HU_MAX, CT_HU_MIN
 from btd.detect.scan import tile_starts
@@ -223,3 +228,29 @@ def test_prepare_train_calibrate_scan_end_to_end(tmp_path, capsys):
     summary = json.loads((report / "summary.json").read_text())
     assert summary["complete"] and summary["resampling"]["applied"]
     assert summary["checkpoint"]["step"] == 2
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_preprocess_records_dataset_json(tmp_path, monkeypatch):
+    from btd.data.records import ScanVolume, Tumour
+    from btd.pipeline import preprocess as stage
+
+    vol, _ = lesion_volume((4, 32, 32))
+    scans = [
+        ScanVolume(f"p{i}", "ct", "s", vol, (2.0, 1.4, 1.4), [Tumour(2, 12, 20, 8.0)])
+        for i in range(3)
+    ]
+    monkeypatch.setattr(stage, "acquire", lambda *a, **k: scans)
+    cfg = {"patch_size": P, "healthy_per_slice": 1}
+    fractions = {"train": 0.4, "val": 0.3, "holdout": 0.3}
+    stage.preprocess_modality(
+        "ct", cfg, tmp_path, tmp_path / "scans", tmp_path / "p", fractions, 0, 4.0, 1
+    )
+    info = read_dataset_info(tmp_path / "p" / "ct")
+    assert (info["modality"], info["pixel_mm"], info["patch_size"]) == ("ct", 1.4, P)
+    data = training_data_info(tmp_path / "p" / "ct")
+    assert data["pixel_mm"] == 1.4 and len(data["data_sha256"]) == 64
+    scans[0].spacing = (2.0, 0.7, 0.7)
+    assert common_pixel_mm(scans) is None  # mixed geometry: nothing to match

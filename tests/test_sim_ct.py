@@ -172,7 +172,7 @@ def test_phantom_tumours_lie_inside_the_lungs():
     """Every pixel within radius + 2 mm of a nodule centre (centre slice) is lung in the anatomy
     before the nodule was added; the nodule is there (centre voxel > -750 HU; lung is ~-850);
     the centre slice lies in the middle of the z range."""
-    from btd.data.simulate.ct import _build_chest
+    from btd.data.simulate.ct_phantom import _build_chest
 
     for seed in (1, 2, 3):
         hu, lung, tumours = _build_chest(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from btd.data.simulate import mri
+from btd.data.simulate import mri, mri_phantom
 from btd.data.simulate.protocols import load_protocols
 from btd.errors import BTDConfigError, BTDInputError
 
@@ -28,7 +28,7 @@ def _uniform_slice(n: int = N, label: int = mri.FAT, half: float = 0.35) -> dict
     lab = np.zeros((n, n), np.uint8)
     lo, hi = int(n * (0.5 - half)), int(n * (0.5 + half))
     lab[lo:hi, lo:hi] = label
-    return {k: mri._LUT[lab, i].copy() for i, k in enumerate(mri.MAP_KEYS)}
+    return {k: mri_phantom._LUT[lab, i].copy() for i, k in enumerate(mri.MAP_KEYS)}
 
 
 def _air_magnitudes(scanner, n: int = FULL, n_images: int = 2, step: int = 4) -> np.ndarray:

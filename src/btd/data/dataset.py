@@ -97,7 +97,7 @@ def build_patch_dataset(
 
 
 def intensity_rule(modality: str) -> dict[str, Any]:
-    """How `normalize_volume` maps a modality to [0, 1], as plain data for dataset.json/checkpoints."""
+    """How `normalize_volume` maps a modality to [0, 1], as plain data for dataset.json."""
     if modality == "ct":
         return {"method": "ct_hu_window", "hu_min": CT_HU_MIN, "hu_max": CT_HU_MAX}
     if modality == "mri":

@@ -68,7 +68,9 @@ def _read(path: Path, i: int) -> tuple[np.ndarray, tuple[float, float, float], d
 
 def input_modality(meta: dict[str, Any], modality: str | None, name: str) -> str:
     """--modality, else the DICOM Modality; CT and MRI are normalised differently, so no guess."""
-    header = {"CT": "ct", "MR": "mri"}.get(str(meta.get("modality") or "").upper())
+    from btd.detect.scan import known_modality
+
+    header = known_modality(meta, None)
     if modality is not None:
         if header is not None and header != modality:
             raise BTDInputError(name, f"is {header.upper()} by its header, not {modality.upper()}")

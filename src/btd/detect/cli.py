@@ -256,6 +256,7 @@ def _train(args: argparse.Namespace) -> int:
     if len(train_x) == 0:
         raise BTDInputError(Path(args.patches) / "manifest.csv", "no rows with split 'train'")
     val_x, _ = load_patch_dataset(args.patches, "val")
+    data = training_data_info(args.patches)
     out = Path(args.out)
     config = train_config(args, int(train_x.shape[-1]), out / CHECKPOINT_NAME)
     accelerator = None
@@ -283,7 +284,7 @@ def _train(args: argparse.Namespace) -> int:
         resume=not args.fresh,
         progress=not args.quiet,
         accelerator=accelerator,
-        data=training_data_info(args.patches),
+        data=data,
     )
     last = result.loss_log[-1] if result.loss_log else {}
     done = result.end_step - result.start_step
@@ -294,6 +295,12 @@ def _train(args: argparse.Namespace) -> int:
         + ("" if done else " (nothing to do: already trained that far)")
     )
     say(f"checkpoint: {result.checkpoint}")
+    if data["modality"] is None or data["pixel_mm"] is None:  # last: a failure stays one line
+        print(
+            "btd train: warning: the patch folder has no dataset.json (modality, pixel size): "
+            "`btd scan` cannot check or match its input; make patch folders with `btd prepare`",
+            file=sys.stderr,
+        )
     say(f"next: btd calibrate --checkpoint {result.checkpoint} --patches {args.patches}")
     return 0
 
@@ -681,7 +688,9 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
         formatter_class=RAW,
         description=_wrap(
             "Normalise a scan like the training data (CT: -700..2000 HU -> [0,1]; MRI: "
-            "per-patient standardisation), cut patches of the model's size at --coords or tile "
+            "per-patient standardisation), resample its slices from the header's spacing to the "
+            "checkpoint's pixel size (--no-resample keeps them; a volume of another modality than "
+            "the checkpoint's is refused), cut patches of the model's size at --coords or tile "
             "every slice (skipping background tiles), score them in batches and flag those above "
             "the calibrated threshold (calibration_<task>.json beside the checkpoint, from `btd "
             "calibrate`; or --threshold). Writes scores.csv (slice,y,x,score,flagged), "
