@@ -19,6 +19,11 @@ SCENARIOS = (
 BTD = "BTD"
 CONTROL = "Laplacian (control)"  # the no-learning reference every detector must beat
 ATTACKS = ("inject", "remove")
+#: attack -> the real class a fake of that attack is tested against (the "benign" class for
+#: calibration): an injected tumour is compared with real tumours (TM), a removal with healthy (TB).
+BENIGN_LABEL = {"inject": "TM", "remove": "TB"}
+#: attack -> label of the fakes (FM = fake malign, FB = fake benign), as in the paper.
+FAKE_LABEL = {"inject": "FM", "remove": "FB"}
 MODALITIES = ("ct", "mri")
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from btd.atomic import atomic_path
 from btd.attacks.cubes import ROLES, check_cube_geometry, cut_cube
@@ -390,7 +391,7 @@ class CTGANAttacker:
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            for _ in range(steps):
+            for _ in tqdm(range(steps), desc="CT-GAN training", mininterval=5):
                 idx = rng.integers(0, len(eq), batch_size)
                 batch = augment_batch(eq, idx, self.cube_vox, rng)
                 real = torch.from_numpy(batch[:, None]).to(self.device)

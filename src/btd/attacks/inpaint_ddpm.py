@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from btd.atomic import atomic_path
 from btd.attacks.masks import sample_tumour_diameters, site_masks, soft_blend
@@ -420,7 +421,7 @@ def fit(
     model.train()
     pools = [np.flatnonzero(cls_all.numpy() == c) for c in (0, 1)]
     pools = [q for q in pools if len(q)] if balance_classes else [np.arange(len(patches))]
-    for step in range(1, steps + 1):
+    for step in tqdm(range(1, steps + 1), desc="diffusion attacker training", mininterval=5):
         which = rng.integers(len(pools), size=batch_size)
         idx = np.array([pools[w][rng.integers(len(pools[w]))] for w in which])
         jit = rng.integers(-jitter_px, jitter_px + 1, size=(batch_size, 2)) if size < p else 0
@@ -582,7 +583,7 @@ def repaint(
     gen = torch.Generator().manual_seed(seed)
     model.eval()
     out = np.empty_like(images)
-    for a in range(0, len(images), batch_size):
+    for a in tqdm(range(0, len(images), batch_size), desc="RePaint", mininterval=5):
         b = slice(a, a + batch_size)
         x0 = torch.from_numpy(images[b] * 2 - 1)
         x = _repaint_batch(model, x0, torch.from_numpy(keep[b]), cls[b], seq, gen, cond_scale)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
+from tqdm import tqdm
 
 from btd.atomic import default_mode
 from btd.errors import BTDConfigError, BTDInputError
@@ -300,7 +301,7 @@ class TumourClassifier:
         # healthy sites outnumber tumours several-fold: weight the rare class up (balanced BCE)
         pos_weight = (y == 0).sum() / (y == 1).sum()
         hist: dict[str, list[float]] = {"loss": [], "val_accuracy": []}
-        for _ in range(epochs):
+        for _ in tqdm(range(epochs), desc="tumour classifier", mininterval=5):
             self.net.train()
             order, losses = torch.randperm(len(x), generator=gen), []
             for a in range(0, len(x), batch_size):

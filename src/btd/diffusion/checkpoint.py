@@ -10,6 +10,7 @@ fingerprint), which `btd scan` uses to bring its input to the same geometry.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import pickle
 import re
@@ -133,7 +134,15 @@ def checkpoint_metadata(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
-    """`checkpoint_metadata` of a checkpoint file."""
+    """`checkpoint_metadata` of a checkpoint file (cached: a scan asks after loading the model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BTDInputError(path, "checkpoint file not found")
+    return copy.deepcopy(_metadata(*_file_key(path)))
+
+
+@lru_cache(maxsize=8)
+def _metadata(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
     return checkpoint_metadata(read_checkpoint(path))
 
 

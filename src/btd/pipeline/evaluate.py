@@ -23,11 +23,11 @@ def table1(scores: pd.DataFrame, n_iter: int, seed: int) -> pd.DataFrame:
     return bootstrap_table(scores, ["method", "scenario"], n_iter, seed)
 
 
-def table2(scores: pd.DataFrame, n_iter: int, seed: int, method: str = "BTD") -> pd.DataFrame:
-    """BTD's AUC/EER per scanner and scenario (scanners with both classes only)."""
-    sub = scores[scores["method"] == method]
-    usable = sub.groupby(["scenario", "scanner"])["fake"].transform("nunique") == 2
-    return bootstrap_table(sub[usable], ["scenario", "scanner"], n_iter, seed)
+def table2(scores: pd.DataFrame, n_iter: int, seed: int) -> pd.DataFrame:
+    """AUC/EER per scanner and scenario of BTD and every BTD+ variant (scanners with both classes)."""
+    sub = scores[scores["method"].str.startswith("BTD")]
+    usable = sub.groupby(["method", "scenario", "scanner"])["fake"].transform("nunique") == 2
+    return bootstrap_table(sub[usable], ["method", "scenario", "scanner"], n_iter, seed)
 
 
 def metrics_json(t1: pd.DataFrame) -> dict:
@@ -156,10 +156,12 @@ def best_baselines(t1: pd.DataFrame) -> pd.DataFrame:
     for scenario, g in t1.groupby("scenario"):
         btd = g[g["method"] == "BTD"].iloc[0]
         control = g[g["method"] == CONTROL]
-        others = g[~g["method"].isin(["BTD", CONTROL])]
+        others = g[~g["method"].str.startswith("BTD") & (g["method"] != CONTROL)]
         best = others.loc[others["auc"].idxmax()] if len(others) else None
+        plus = {f"{m}_auc": a for m, a in zip(g["method"], g["auc"], strict=True)
+                if m.startswith("BTD+")}  # fmt: skip
         rows.append({"scenario": scenario, "BTD_auc": btd["auc"], "BTD_eer": btd["eer"],
-                     "BTD_auc_lo": btd["auc_lo"], "BTD_auc_hi": btd["auc_hi"],
+                     "BTD_auc_lo": btd["auc_lo"], "BTD_auc_hi": btd["auc_hi"], **plus,
                      "control_auc": control["auc"].iloc[0] if len(control) else np.nan,
                      "best_baseline": None if best is None else best["method"],
                      "best_baseline_auc": np.nan if best is None else best["auc"]})  # fmt: skip

@@ -10,9 +10,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from btd.attacks.testsets import load_testset
+from btd.data.dataset import load_patch_dataset
 from btd.detect.btd import score as btd_score
+from btd.detect.btd import window_scores
 from btd.detect.control import laplacian_score
-from btd.scenarios import CONTROL, SCENARIOS, attack_of, modality_of
+from btd.detect.plus import self_reference_ratio, tail_score
+from btd.scenarios import BENIGN_LABEL, CONTROL, SCENARIOS, attack_of, modality_of
 
 SCORE_COLUMNS = [
     "method",
@@ -96,6 +99,59 @@ def score_all(
             )
             frames.append(tidy(name, scenario, meta, s))
     return pd.concat(frames, ignore_index=True), pd.DataFrame(timing)
+
+
+def _energy_and_ratio(
+    detector, images: np.ndarray, centres: np.ndarray | None, window: int, attack: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """BTD's residual energy (window at the site for injection, the patch for removal, as the paper)
+    and the self-referenced window/context ratio, from one backward step."""
+    maps = btd_score(detector, images)[1]
+    energy = window_scores(maps, window, centres) if attack == "inject" else window_scores(maps)
+    return energy, self_reference_ratio(maps, window, centres)
+
+
+def benign_references(
+    detectors: dict[str, object], processed_dir: str | Path, windows: dict[str, int]
+) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+    """BTD+'s benign distributions: validation patients' real patches of each task's benign class
+    (never test data), per (modality, attack), with their scanners."""
+    out = {}
+    for m, detector in detectors.items():
+        x, man = load_patch_dataset(Path(processed_dir) / m, "val")
+        for attack, label in BENIGN_LABEL.items():
+            sel = (man["label"] == label).to_numpy()
+            energy, ratio = _energy_and_ratio(
+                detector, np.asarray(x[sel]), None, windows[m], attack
+            )
+            out[(m, attack)] = {
+                "energy": energy,
+                "ratio": ratio,
+                "scanner": man.loc[sel, "scanner"].to_numpy(),
+            }
+    return out
+
+
+def btd_plus_all(
+    testsets: dict[str, tuple],
+    detectors: dict[str, object],
+    references: dict[tuple[str, str], dict[str, np.ndarray]],
+    windows: dict[str, int],
+) -> pd.DataFrame:
+    """Every BTD+ variant (btd.detect.plus) on every scenario, in the score table's format."""
+    frames = []
+    for scenario, (images, _, meta) in tqdm(testsets.items(), desc="BTD+ scoring"):
+        m, attack = modality_of(scenario), attack_of(scenario)
+        centres = meta[["py", "px"]].to_numpy(dtype=np.float64)
+        energy, ratio = _energy_and_ratio(detectors[m], images, centres, windows[m], attack)
+        ref, scanners = references[(m, attack)], meta["scanner"].to_numpy()
+        variants = {
+            "BTD+ two-sided": tail_score(energy, ref["energy"]),
+            "BTD+ scanner": tail_score(energy, ref["energy"], scanners, ref["scanner"]),
+            "BTD+ self-ref": tail_score(ratio, ref["ratio"], scanners, ref["scanner"]),
+        }
+        frames += [tidy(name, scenario, meta, s) for name, s in variants.items()]
+    return pd.concat(frames, ignore_index=True)
 
 
 def score_metrics(scores: pd.DataFrame) -> dict:

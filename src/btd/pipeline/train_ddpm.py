@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from btd.params import parse_list
 
 #: Detection tasks: which real class is "benign" for calibration, and whether the tumour window is used.
 TASKS = {"inject": ("TM", True), "remove": ("TB", False)}
+log = logging.getLogger(__name__)
 
 
 def train_config(image_size: int, seed: int, **kw) -> TrainConfig:
@@ -44,7 +46,7 @@ def train_or_resume(
     except (BTDInputError, BTDConfigError) as exc:
         if not (out_dir / CHECKPOINT_NAME).exists():
             raise
-        print(f"not resuming {out_dir / CHECKPOINT_NAME}: {exc}; training from scratch")
+        log.warning("not resuming %s: %s; training from scratch", out_dir / CHECKPOINT_NAME, exc)
         return train(train_x, config, out_dir, val_patches=val_x, resume=False, data=data)
 
 
