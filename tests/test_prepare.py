@@ -199,6 +199,21 @@ def test_prepare_sites_csv_and_patient_split(tmp_path):
     assert set(m.loc[m["label"] == "TM", "cy"]) == {24}
 
 
+def test_prepare_dicom_series_takes_the_header_modality(tmp_path, capsys):
+    vol, _ = lesion_volume((6, 32, 32))
+    series = tmp_path / "Doe_Jane_PID-4711"
+    write_ct_series(series, vol, spacing=(2.0, 1.4, 1.4))
+    sites = tmp_path / "sites.csv"
+    sites.write_text("slice,y,x,diameter_mm\n3,24,24,9\n")
+    argv = ["prepare", series, "--sites", sites, "--out", tmp_path / "ds", "--patch-size", P]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert read_dataset_info(tmp_path / "ds")["modality"] == "ct"
+    sites.write_text("slice,y,x\n3,24,24\n")
+    code, _, err = run([*argv[:-4], "--out", tmp_path / "ds2"], capsys)
+    assert code == 2 and "need exactly the columns" in err and "Doe_Jane" not in err
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

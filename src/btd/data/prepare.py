@@ -53,8 +53,8 @@ class PrepareResult:
 
 
 def _name(path: Path, i: int) -> str:
-    """How an input is named in messages: its file name, never the (patient-named) folder chain."""
-    return f"input {i + 1} ({path.name})"
+    """How an input is named in messages: its file name, never a (patient-named) folder."""
+    return f"input {i + 1} ({'DICOM folder' if path.is_dir() else path.name})"
 
 
 def _read(path: Path, i: int) -> tuple[np.ndarray, tuple[float, float, float], dict[str, Any]]:

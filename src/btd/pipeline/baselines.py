@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from btd.baselines.base import Baseline, load_baseline, save_baseline
+from btd.baselines.base import Baseline
 from btd.baselines.registry import make_baseline
+from btd.baselines.storage import load_baseline, save_baseline
 from btd.data.dataset import load_patch_dataset
 
 #: Display names in the paper's Table 1 order.

@@ -1,0 +1,1 @@
+"""Reports: README tables (readme), computed notebook readings (reading), executed-notebook cleaning (notebook)."""

@@ -269,6 +269,23 @@ def sampler_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def cross_dispatch_markdown(r: dict) -> str:
+    """Same seed, SIMD limited vs unrestricted: data hashes and how far Table 1 moves."""
+    t = r["table1"]
+    moved = [row for row in r["rows"] if row["diff"] > 0]
+    methods = sorted({row["method"] for row in moved})
+    return (
+        f"`{r['profile']}` profile on {r['cpu']}; limited run: "
+        + ", ".join(f"`{k}={v}`" for k, v in r["limited_dispatch"].items())
+        + f". Cohort hashes (`data/scans`, `data/processed`): "
+        f"**{'identical' if r['data_hashes']['identical'] else 'DIFFERENT'}**. Table 1: "
+        f"{t['identical']} of {t['n_aucs']} AUCs identical, mean |difference| {t['mean_abs_diff']:.4f}, "
+        f"largest {t['max_abs_diff']:.3f}; {t['inside_other_interval']} of {t['n_aucs']} lie inside the other "
+        f"run's 95 % bootstrap interval"
+        + (f"; the AUCs that moved are all {', '.join(methods)}'s." if moved else ".")
+    )
+
+
 def render_benchmarks(root: Path) -> str:
     """The benchmarks block: every benchmarks/results/*.json that exists, as a table."""
     res = Path(root) / "benchmarks" / "results"
@@ -281,6 +298,8 @@ def render_benchmarks(root: Path) -> str:
         ("pipeline_times.json", "Default `dvc repro`, wall time per stage (`benchmarks/pipeline_times.py`)",
          pipeline_markdown),
         ("sampler_study.json", "Timestep sampler study (`benchmarks/sampler_study.py`)", sampler_markdown),
+        ("cross_dispatch.json", "Two SIMD dispatch settings, same seed (`benchmarks/cross_dispatch.py`)",
+         cross_dispatch_markdown),
     ):  # fmt: skip
         data = _load_json(res / name)
         if data is not None:
