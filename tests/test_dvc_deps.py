@@ -144,3 +144,36 @@ def test_closure_finds_lazy_and_transitive_imports() -> None:
     assert "btd/errors.py" in rels  # preprocess -> ... -> errors
     lazy = import_closure("REGISTRY = {'ae': 'btd.baselines.autoencoders:ConvAE'}")
     assert SRC / "btd/baselines/autoencoders.py" in lazy
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the `btd` modules it imports (lazy imports included)."""
+    graph = {}
+    for f in (SRC / "btd").rglob("*.py"):
+        mod = ".".join(f.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+        pkg = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
+        graph[mod] = {n for n in _imports(f.read_text(), pkg) if _module_file(n) and n != mod}
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    """Modules form layers: no module imports (even lazily) one that imports it back."""
+    graph, state, stack, cycles = _import_graph(), {}, [], []
+
+    def visit(m: str) -> None:
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if n in graph and state.get(n) == "open":
+                cycles.append(stack[stack.index(n) :] + [n])
+            elif n in graph and n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    # a package's __init__ re-exporting its children is not a cycle of logic
+    real = [c for c in cycles if not any(a.startswith(b + ".") for a, b in zip(c, c[1:]))]
+    assert not real, " ; ".join(" -> ".join(c) for c in real[:5])

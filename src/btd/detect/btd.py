@@ -213,3 +213,15 @@ def score(
     check_window(len(x), *diffusion.image_size, window, centres)  # fail before the model runs
     maps = _residuals(diffusion, x, steps, method == "forward_backward", seed, batch_size)
     return window_scores(maps, window, centres), maps
+
+
+def check_finite_scores(scores: np.ndarray, offset: int = 0) -> None:
+    """NaN never exceeds a threshold: a NaN score would silently read as 'authentic'."""
+    bad = ~np.isfinite(np.asarray(scores, dtype=np.float64))
+    if bad.any():
+        raise BTDInputError(
+            "checkpoint",
+            f"the model gave {int(bad.sum())} non-finite (NaN/inf) score(s), the first at site "
+            f"{offset + int(np.argmax(bad))}; its weights are probably corrupt (NaN). "
+            "Nothing was written",
+        )

@@ -271,3 +271,38 @@ def fit_threshold(
 def apply(calibration: Calibration, scores) -> np.ndarray:
     """Flags (True = fake) for `scores` under `calibration` (same as `calibration.apply`)."""
     return calibration.apply(scores)
+
+
+def calibrate_task(
+    diffusion,
+    x: np.ndarray,
+    manifest,
+    task: str,
+    window: int,
+    target_fpr: float,
+    family: str = "auto",
+    batch_size: int = 64,
+) -> Calibration:
+    """Fit one task's benign-score distribution (paper section 3.4) on authentic patches.
+
+    inject: real tumours (TM) scored in the `window` at each tumour centre (`py`, `px`); remove: real
+    healthy tissue (TB) scored over the whole patch. The one implementation behind the pipeline's
+    train_ddpm stage and `btd calibrate`.
+    """
+    from btd.detect.btd import check_finite_scores, score
+    from btd.scenarios import BENIGN_LABEL
+
+    if task not in BENIGN_LABEL:
+        raise BTDConfigError("task", f"must be one of {sorted(BENIGN_LABEL)}, got {task!r}")
+    benign = BENIGN_LABEL[task]
+    rows = (manifest["label"] == benign).to_numpy()
+    if not rows.any():
+        raise BTDInputError("manifest.csv", f"no {benign} patches to calibrate {task}")
+    opts = {}
+    if task == "inject":
+        opts = {"window": window, "centres": manifest.loc[rows, ["py", "px"]].to_numpy(float)}
+    scores, _ = score(
+        diffusion, np.asarray(x[rows]), batch_size=min(batch_size, int(rows.sum())), **opts
+    )
+    check_finite_scores(scores)
+    return fit_threshold(scores, target_fpr, family=family)

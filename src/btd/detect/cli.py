@@ -24,7 +24,6 @@ import numpy as np
 from btd.errors import BTDError, BTDInputError
 
 DEFAULT_WINDOW = 16  # params.yaml detect.ct_window: the paper's 32 px at 0.7 mm, at 1.4 mm pixels
-TASK_BENIGN = {"inject": "TM", "remove": "TB"}  # real class each task is calibrated on
 RAW = argparse.RawDescriptionHelpFormatter
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 EXIT_INTERNAL = 1
@@ -499,31 +498,12 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------- calibrate
 
 
-def calibrate_task(
-    diffusion, x: np.ndarray, manifest, task: str, window: int, target_fpr: float, **kw
-):
-    """Fit the benign scores of one task: TM in the window (inject) or TB over the patch (remove)."""
-    from btd.detect.btd import score
-    from btd.detect.calibrate import fit_threshold
-    from btd.detect.scan import check_finite_scores
-
-    rows = (manifest["label"] == TASK_BENIGN[task]).to_numpy()
-    if not rows.any():
-        raise BTDInputError("manifest.csv", f"no {TASK_BENIGN[task]} patches to calibrate {task}")
-    opts = {}
-    if task == "inject":
-        opts = {"window": window, "centres": manifest.loc[rows, ["py", "px"]].to_numpy(float)}
-    batch = min(kw.get("batch_size", 64), int(rows.sum()))
-    scores, _ = score(diffusion, x[rows], batch_size=batch, **opts)
-    check_finite_scores(scores)
-    return fit_threshold(scores, target_fpr, family=kw.get("family", "auto"))
-
-
 def _calibrate(args: argparse.Namespace) -> int:
     from btd.data.dataset import load_patch_dataset
-    from btd.detect.calibrate import calibration_path
+    from btd.detect.calibrate import calibrate_task, calibration_path
     from btd.diffusion.checkpoint import load_detector
     from btd.diffusion.train import resolve_device
+    from btd.scenarios import BENIGN_LABEL
 
     diffusion, _ = load_detector(args.checkpoint, resolve_device(args.device))
     x, manifest = load_patch_dataset(args.patches, args.split)
@@ -551,7 +531,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         path = cal.save(calibration_path(args.checkpoint, task), checkpoint=args.checkpoint)
         print(
             f"{task}: family {cal.family}, threshold {cal.threshold:.6g} at target FPR "
-            f"{cal.target_fpr:g} (n={cal.n} {TASK_BENIGN[task]} {args.split} patches) -> {path}"
+            f"{cal.target_fpr:g} (n={cal.n} {BENIGN_LABEL[task]} {args.split} patches) -> {path}"
         )
         if cal.note:
             print(f"  note: {cal.note}")

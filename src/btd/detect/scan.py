@@ -30,6 +30,7 @@ import pandas as pd
 
 from btd.atomic import atomic_path, write_json
 from btd.data.preprocess import CT_HU_MAX, CT_HU_MIN, normalize_volume
+from btd.detect.btd import check_finite_scores
 from btd.errors import BTDConfigError, BTDInputError
 
 if TYPE_CHECKING:
@@ -436,18 +437,6 @@ class SiteScores:
     flagged: np.ndarray
     figures: list[Flagged]
     seconds: float
-
-
-def check_finite_scores(scores: np.ndarray, offset: int = 0) -> None:
-    """NaN never exceeds a threshold: a NaN score would silently read as 'authentic'."""
-    bad = ~np.isfinite(np.asarray(scores, dtype=np.float64))
-    if bad.any():
-        raise BTDInputError(
-            "checkpoint",
-            f"the model gave {int(bad.sum())} non-finite (NaN/inf) score(s), the first at site "
-            f"{offset + int(np.argmax(bad))}; its weights are probably corrupt (NaN). "
-            "Nothing was written",
-        )
 
 
 def score_sites(

@@ -22,6 +22,7 @@ import torch
 from denoising_diffusion_pytorch import GaussianDiffusion
 
 from btd.atomic import atomic_path
+from btd.diffusion.config import TrainConfig, build_from_config
 from btd.errors import BTDInputError
 
 FORMAT = "btd-ddpm"
@@ -232,8 +233,6 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu"):
     Returns `(diffusion, config)`, `config` a `TrainConfig`. The EMA weights are what the detector
     scores with (the paper's README loads the online weights; EMA is the usual, smoother choice).
     """
-    from btd.diffusion.train import TrainConfig, build_from_config  # late: train imports us
-
     state = read_checkpoint(path)
     config = TrainConfig.from_dict(state["config"], source=str(path))
     diffusion = build_from_config(config)
@@ -246,8 +245,6 @@ def load_online_model(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[GaussianDiffusion, Any]:
     """Like `load_detector` but with the raw (non-EMA) weights, as the paper's README loads them."""
-    from btd.diffusion.train import TrainConfig, build_from_config
-
     state = read_checkpoint(path)
     config = TrainConfig.from_dict(state["config"], source=str(path))
     diffusion = build_from_config(config)

@@ -10,15 +10,13 @@ import numpy as np
 import torch
 
 from btd.data.dataset import load_patch_dataset, training_data_info
-from btd.detect.btd import score
-from btd.detect.calibrate import Calibration, calibration_path, fit_threshold
+from btd.detect.calibrate import Calibration, calibrate_task, calibration_path
 from btd.diffusion.checkpoint import load_detector
 from btd.diffusion.train import CHECKPOINT_NAME, TrainConfig, TrainResult, train
 from btd.errors import BTDConfigError, BTDInputError
 from btd.params import parse_list
+from btd.scenarios import BENIGN_LABEL
 
-#: Detection tasks: which real class is "benign" for calibration, and whether the tumour window is used.
-TASKS = {"inject": ("TM", True), "remove": ("TB", False)}
 log = logging.getLogger(__name__)
 
 
@@ -50,11 +48,6 @@ def train_or_resume(
         return train(train_x, config, out_dir, val_patches=val_x, resume=False, data=data)
 
 
-def window_centres(manifest) -> np.ndarray:
-    """(row, col) of each site inside its patch: where the injection window sits."""
-    return manifest[["py", "px"]].to_numpy(dtype=np.float64)
-
-
 def calibrate(
     diffusion, val_x: np.ndarray, val_manifest, window: int, target_fpr: float, checkpoint: Path
 ) -> dict[str, Calibration]:
@@ -64,13 +57,9 @@ def calibrate(
     scored over the patch and its benign class is real healthy tissue (TB) (paper section 3.4).
     """
     out = {}
-    for task, (benign, use_window) in TASKS.items():
-        rows = (val_manifest["label"] == benign).to_numpy()
-        kw = {"window": window, "centres": window_centres(val_manifest[rows])} if use_window else {}
-        scores, _ = score(diffusion, val_x[rows], **kw)
-        cal = fit_threshold(scores, target_fpr)
-        cal.save(calibration_path(checkpoint, task))
-        out[task] = cal
+    for task in BENIGN_LABEL:
+        out[task] = calibrate_task(diffusion, val_x, val_manifest, task, window, target_fpr)
+        out[task].save(calibration_path(checkpoint, task))
     return out
 
 
