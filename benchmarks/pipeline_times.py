@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         skipped += k
     resumed = resumed_training(stages)
     total = sum(stages.values())
-    report = {"stage_seconds": stages, "stage_order": list(stages), "skipped": skipped,
+    from btd.runinfo import cpu_model
+
+    report = {"cpu": cpu_model(), "stage_seconds": stages, "stage_order": list(stages), "skipped": skipped,
               "total_seconds": total,
               "resumed_training_seconds": resumed,
               "from_scratch_estimate_seconds": total + sum(resumed.values()),

@@ -12,8 +12,8 @@ import torch
 
 from btd.baselines import Baseline, load_baseline, make_baseline, save_baseline
 from btd.baselines.autoencoders import centre_hole
-from btd.baselines.base import _decode, _encode
 from btd.baselines.registry import REGISTRY
+from btd.baselines.storage import _decode, _encode
 from btd.errors import BTDConfigError, BTDInputError
 
 P = 20  # not a multiple of 16 (AE, U-Net) or 8 (ViT): the padding paths run

@@ -99,7 +99,8 @@ def test_train_ddpm_outputs_are_sane(tiny_run: Path) -> None:
 
 
 def test_deepfake_score_and_result_outputs_are_sane(tiny_run: Path) -> None:
-    from btd.attacks.testsets import SCENARIOS, load_testset
+    from btd.attacks.testsets import load_testset
+    from btd.scenarios import SCENARIOS
 
     for scenario in SCENARIOS:
         images, masks, meta = load_testset(tiny_run / "data/deepfakes" / scenario)

@@ -18,7 +18,8 @@ def fake_tables(root: Path) -> None:
     """table1/table3 with known AUCs: BTD 0.9, AE 0.7, OC-VAE 0.6; B-1 0.8, F&B-1 0.55."""
     ci = {"auc_lo": 0.5, "auc_hi": 1.0, "eer": 0.2, "eer_lo": 0.1, "eer_hi": 0.3}
     t1 = [{"method": m, "scenario": s, "auc": a, **ci}
-          for s in SCENARIOS for m, a in (("BTD", 0.9), ("AE", 0.7), ("OC-VAE", 0.6))]  # fmt: skip
+          for s in SCENARIOS for m, a in (("BTD", 0.9), ("AE", 0.7), ("OC-VAE", 0.6),
+                                          ("Laplacian (control)", 0.65), ("BTD+ scanner", 0.95))]  # fmt: skip
     t3 = [{"method": m, "steps": k, "scenario": s, "auc": a, **ci}
           for s in SCENARIOS for k in (1, 10) for m, a in (("B", 0.8), ("F&B", 0.55))]  # fmt: skip
     tables = root / "results" / "tables"
@@ -39,15 +40,20 @@ def test_render_known_answer(tmp_path):
     text = render(tmp_path)
     # DIFF-MRI-Inject: paper BTD 0.99, paper best baseline ae 0.80; ours BTD 0.90, best ae 0.70
     assert (
-        "| DIFF-MRI-Inject (SD-MRI-Inject) | 0.99 | 0.90 [0.50, 1.00] | 0.80 (AE) | 0.70 [0.50, 1.00] (AE) |"
-        in text
+        "| DIFF-MRI-Inject (SD-MRI-Inject) | 0.99 | 0.90 [0.50, 1.00] | 0.65 [0.50, 1.00] | 0.80 (AE) "
+        "| 0.70 [0.50, 1.00] (AE) |" in text
     )
     # CTGAN-CT-Inject: the paper's best baseline is In-Paint AE (0.80)
     assert "| 0.80 (In-Paint AE) |" in text
     assert "| DIFF-CT-Remove | 0.86 | 0.80 [0.50, 1.00] | 0.66 | 0.55 [0.50, 1.00] |" in text
     assert (
-        "injection BTD 0.90 vs best baseline 0.70; removal BTD 0.90 vs best baseline 0.70" in text
+        "injection BTD 0.90 vs control 0.65 vs best baseline 0.70; removal BTD 0.90 vs control 0.65 "
+        "vs best baseline 0.70" in text
     )
+    # neither the control nor BTD+ counts as a baseline; BTD+ gets its own table
+    assert "(Laplacian (control))" not in text and "(BTD+ scanner)" not in text
+    assert "| DIFF-MRI-Inject | 0.90 [0.50, 1.00] | 0.95 [0.50, 1.00] | 0.65 [0.50, 1.00] |" in text
+    assert "BTD: above the control on 0 of 6" in text
 
 
 def test_update_rewrites_only_the_block(tmp_path):

@@ -107,7 +107,7 @@ def size_figure(sizes: pd.DataFrame, path: str | Path) -> plt.Figure:
     left_out = sorted(set(sizes["scenario"]) - set(known["scenario"]))
     grid = sns.lmplot(
         data=known, x="diameter_mm", y="normalised_score", col="scenario", col_wrap=3, height=2.8,
-        scatter_kws={"s": 10, "alpha": 0.6}, facet_kws={"sharey": False},
+        scatter_kws={"s": 10, "alpha": 0.6}, facet_kws={"sharey": False}, seed=0,
     )  # fmt: skip
     for ax in grid.axes.ravel():
         ax.axhline(1.0, color="red", lw=0.8, ls="--")
