@@ -141,3 +141,34 @@ def test_runtime_knobs_are_not_notebook_parameters() -> None:
         assert not declared & knobs, (
             f"{nb.name}: runtime knobs {declared & knobs} (use btd.runinfo)"
         )
+
+
+def test_trainconfig_and_cli_defaults_are_the_default_profile(tmp_path: Path) -> None:
+    """A bare `btd train` trains the pipeline's model: TrainConfig's and the CLI's defaults are
+    params.yaml's (ddpm, detect, runtime)."""
+    from btd.detect import cli as detect_cli
+    from btd.diffusion.config import TrainConfig
+    from btd.params import parse_list
+
+    ddpm, runtime = PARAMS["ddpm"], PARAMS["runtime"]
+    cfg = TrainConfig()
+    for key in ("dim", "attn_heads", "attn_dim_head", "batch_size", "steps", "lr", "ema_decay",
+                "timestep_sampler"):  # fmt: skip
+        assert getattr(cfg, key) == ddpm[key], (
+            f"TrainConfig.{key} = {getattr(cfg, key)!r}, params {ddpm[key]!r}"
+        )
+    assert cfg.dim_mults == tuple(parse_list(ddpm["dim_mults"], "ddpm.dim_mults", int))
+    assert cfg.image_size == PARAMS["data"]["ct"]["patch_size"]
+    for key in ("val_every", "ckpt_every", "device"):
+        assert getattr(cfg, key) == runtime[key], key
+    assert detect_cli.DEFAULT_WINDOW == PARAMS["detect"]["ct_window"]
+    from btd.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--patches", str(tmp_path), "--out", str(tmp_path)])
+    config = detect_cli.train_config(args, cfg.image_size, tmp_path / "none.pt")
+    assert config.steps == ddpm["steps"] and config.lr == ddpm["lr"]
+    args = build_parser().parse_args(["calibrate", "--checkpoint", "c", "--patches", "p"])
+    assert args.target_fpr == PARAMS["detect"]["target_fpr"] and args.window == DEFAULT_WINDOW
+
+
+DEFAULT_WINDOW = PARAMS["detect"]["ct_window"]

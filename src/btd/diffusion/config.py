@@ -17,20 +17,24 @@ from btd.errors import BTDConfigError, BTDInputError
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (model size, optimiser, schedule, bookkeeping)."""
+    """Everything that defines a training run (model size, optimiser, schedule, bookkeeping).
+
+    Defaults are the default profile's (params.yaml `ddpm:` and `runtime:`; a test keeps them equal),
+    so a bare `btd train` trains the pipeline's model.
+    """
 
     image_size: int = 48
     dim: int = 16
     dim_mults: tuple[int, ...] = (1, 2, 4)
     batch_size: int = 16
-    steps: int = 1000
-    lr: float = 1e-4
+    steps: int = 500
+    lr: float = 3e-4
     ema_decay: float = 0.995
     ema_update_every: int = 10
     ema_update_after_step: int = 100
     timestep_sampler: str = "uniform"
     timestep_kwargs: dict[str, float] = field(default_factory=dict)
-    val_every: int = 100
+    val_every: int = 50
     ckpt_every: int = 500
     seed: int = 0
     device: str = "cpu"
@@ -41,8 +45,8 @@ class TrainConfig:
     timesteps: int = 1000
     beta_schedule: str = "sigmoid"
     objective: str = "pred_noise"
-    attn_heads: int = 4
-    attn_dim_head: int = 32
+    attn_heads: int = 2
+    attn_dim_head: int = 16
 
     def __post_init__(self) -> None:
         self.dim_mults = tuple(self.dim_mults)
