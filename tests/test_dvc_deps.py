@@ -13,24 +13,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 
 
-def _expanded_stages() -> dict[str, dict]:
-    out = {}
-    for name, stage in DVC["stages"].items():
-        if "foreach" not in stage:
-            out[name] = stage
-            continue
-        for key in stage["foreach"]:
-            out[f"{name}@{key}"] = yaml.safe_load(
-                yaml.safe_dump(stage["do"]).replace("${key}", str(key))
-            )
-    return out
-
-
-STAGES = _expanded_stages()
-
+from test_pipeline_contract import STAGES  # noqa: E402  (foreach stages expanded per key)
 
 LAZY_REFERENCE = re.compile(r"^(btd(?:\.\w+)+)(?::\w+)?$")
 

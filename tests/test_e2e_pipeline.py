@@ -108,9 +108,25 @@ def test_deepfake_score_and_result_outputs_are_sane(tiny_run: Path) -> None:
         assert (
             masks[meta["fake"].to_numpy() == 1].reshape((meta["fake"] == 1).sum(), -1).sum(1) > 0
         ).all()
+    # fakes are written in the scanner's stored type, like the reals: one value grid
+    from btd.data.preprocess import MRINormaliser
+    from btd.data.scans import load_scans
+
+    mri_scans = {v.patient: v for v in load_scans(tiny_run / "data/scans/mri")}
+    for scenario in SCENARIOS:
+        images, _, meta = load_testset(tiny_run / "data/deepfakes" / scenario)
+        if "-CT-" in scenario:
+            hu = images.astype(np.float64) * 2700.0 - 700.0
+            assert np.abs(hu - np.rint(hu)).max() < 2e-3, f"{scenario}: not integer HU"
+        else:
+            for i in np.flatnonzero(meta["fake"].to_numpy() == 1)[:3]:
+                vol = mri_scans[meta["patient"].iloc[i]].volume
+                grid = set(MRINormaliser.fit(vol)(np.arange(256)).tolist())
+                assert set(images[i].ravel().tolist()) <= grid, f"{scenario}: off the 8-bit grid"
     scores = pd.read_csv(tiny_run / "results/scores.csv")
     assert set(scores["scenario"]) == set(SCENARIOS)
-    assert {"BTD", "AE", "OOD DDPM", "SpliceBuster"} <= set(scores["method"])
+    assert {"BTD", "AE", "OOD DDPM", "SpliceBuster", "Laplacian (control)"} <= set(scores["method"])
+    assert {"BTD+ two-sided", "BTD+ scanner", "BTD+ self-ref"} <= set(scores["method"])
     assert np.isfinite(scores["score"]).all()
     evaluate = json.loads((tiny_run / "metrics/evaluate.json").read_text())
     for scenario in SCENARIOS:

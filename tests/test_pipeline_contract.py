@@ -146,7 +146,8 @@ def test_runtime_knobs_are_not_notebook_parameters() -> None:
 def test_trainconfig_and_cli_defaults_are_the_default_profile(tmp_path: Path) -> None:
     """A bare `btd train` trains the pipeline's model: TrainConfig's and the CLI's defaults are
     params.yaml's (ddpm, detect, runtime)."""
-    from btd.detect import cli as detect_cli
+    from btd import cli
+    from btd.detect.train_options import run_config
     from btd.diffusion.config import TrainConfig
     from btd.params import parse_list
 
@@ -161,13 +162,14 @@ def test_trainconfig_and_cli_defaults_are_the_default_profile(tmp_path: Path) ->
     assert cfg.image_size == PARAMS["data"]["ct"]["patch_size"]
     for key in ("val_every", "ckpt_every", "device"):
         assert getattr(cfg, key) == runtime[key], key
-    assert detect_cli.DEFAULT_WINDOW == PARAMS["detect"]["ct_window"]
-    from btd.cli import build_parser
-
-    args = build_parser().parse_args(["train", "--patches", str(tmp_path), "--out", str(tmp_path)])
-    config = detect_cli.train_config(args, cfg.image_size, tmp_path / "none.pt")
+    assert cli.DEFAULT_WINDOW == PARAMS["detect"]["ct_window"]
+    args = cli.build_parser().parse_args(
+        ["train", "--patches", str(tmp_path), "--out", str(tmp_path)]
+    )
+    overrides = {k: getattr(args, k) for k in ("steps", "lr", "dim", "batch_size")}
+    config = run_config(overrides, cfg.image_size, tmp_path / "none.pt", fresh=False)
     assert config.steps == ddpm["steps"] and config.lr == ddpm["lr"]
-    args = build_parser().parse_args(["calibrate", "--checkpoint", "c", "--patches", "p"])
+    args = cli.build_parser().parse_args(["calibrate", "--checkpoint", "c", "--patches", "p"])
     assert args.target_fpr == PARAMS["detect"]["target_fpr"] and args.window == DEFAULT_WINDOW
 
 

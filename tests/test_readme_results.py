@@ -85,3 +85,49 @@ def test_committed_readme_matches_committed_tables():
     if not (paths.ROOT / "results" / "tables" / "table3.csv").is_file():
         pytest.skip("no committed results tables in this checkout")
     assert update(paths.ROOT / "README.md", paths.ROOT, check=True), "run `btd readme`"
+
+
+def test_scan_speed_markdown_known_answer(tmp_path):
+    from btd.report.readme import render_benchmarks, scan_speed_markdown
+
+    labels = [("model_loading", "model loading (checkpoint, hash, calibration)", 0.5),
+              ("dicom_read", "DICOM read", 2.0), ("resampling", "resampling", 1.0),
+              ("normalisation_tiling", "normalisation + tiling", 1.5),
+              ("model_scoring", "model scoring", 40.0), ("report_writing", "report writing", 5.0)]  # fmt: skip
+    r = {
+        "model": {"image_size": 48, "dim": 16, "dim_mults": [1, 2, 4], "pixel_mm": 1.4,
+                  "checkpoint": "models/ddpm/ct/checkpoint.pt", "random_model": False},
+        "series": {"shape": [60, 512, 512], "pixel_mm": 0.7, "slice_mm": 1.25},
+        "settings": {"batch_size": 64},
+        "scan": {"patches": 5000, "median_wall_s": 50.0, "patches_per_s": 100.0},
+        "parts": [{"part": k, "label": lab, "median_s": s, "share": s / 50.0} for k, lab, s in labels],
+        "bare_forward": {"patches_per_s": 150.0},
+        "ratios": {"scan_over_bare": 100 / 150, "scoring_stage_over_bare": 125 / 150, "target": 0.8},
+        "cpu": "Test CPU (avx2; 2 logical CPUs)",
+        "machine": {"device": "cpu", "cpu_count": 2, "torch_threads": 2, "torch": "2.0"},
+    }  # fmt: skip
+    text = scan_speed_markdown(r)
+    assert text.startswith(
+        "Series: 60 x 512 x 512 CT DICOM, 0.7 mm pixels, 1.25 mm slices (synthetic); model 48 px, "
+        "dim 16, mults [1, 2, 4], 1.4 mm (models/ddpm/ct/checkpoint.pt); 5000 tiles, batch 64; "
+        "cpu, 2 cores, 2 torch threads, torch 2.0.\n"
+    )
+    assert "| part | seconds | share |\n|---|---|---|\n" in text
+    assert "| DICOM read | 2.00 | 4% |" in text
+    assert "| model scoring | 40.00 | 80% |" in text
+    assert "| report writing | 5.00 | 10% |" in text
+    assert "| **whole scan** | **50.00** | 100% |" in text
+    assert text.endswith(
+        "Whole scan: **100 patches/s**; bare U-Net forward on the same tiles: 150 patches/s; "
+        "ratio **0.67** (target >= 0.8: **not met**; scoring stage alone 0.83). "
+        "CPU: Test CPU (avx2; 2 logical CPUs)."
+    )
+    r["ratios"]["scan_over_bare"] = 0.85
+    assert "(target >= 0.8: met;" in scan_speed_markdown(r)
+    # render_benchmarks picks up benchmarks/results/scan_speed.json
+    import json
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "scan_speed.json").write_text(json.dumps(r))
+    block = render_benchmarks(tmp_path)
+    assert block.startswith("#### Whole `btd scan`, end to end (`benchmarks/scan_speed.py`)\n\n")

@@ -32,13 +32,14 @@ from btd.atomic import atomic_path, write_json
 from btd.data.preprocess import CT_HU_MAX, CT_HU_MIN, normalize_volume
 from btd.detect.btd import check_finite_scores
 from btd.errors import BTDConfigError, BTDInputError
+from btd.scenarios import ATTACKS
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from btd.detect.fast import FastOptions
 
-TASKS = ("inject", "remove")
+TASKS = ATTACKS  # btd.scenarios: the one vocabulary
 MODALITIES = ("ct", "mri")
 SCORE_COLUMNS = ["slice", "y", "x", "score", "flagged"]
 #: CT voxels above this HU are body (soft tissue); air and lung lie below it.

@@ -329,6 +329,36 @@ def cross_dispatch_markdown(r: dict) -> str:
     )
 
 
+def scan_speed_markdown(r: dict) -> str:
+    """A whole `btd scan` end to end: seconds and share per part, against the bare U-Net forward."""
+    m, s, sc, bare, rat = r["model"], r["series"], r["scan"], r["bare_forward"], r["ratios"]
+    z, h, w = s["shape"]
+    model = f"{m['image_size']} px, dim {m['dim']}, mults {m['dim_mults']}" + (
+        f", {m['pixel_mm']:g} mm" if m.get("pixel_mm") else ""
+    )
+    lines = [
+        f"Series: {z} x {h} x {w} CT DICOM, {s['pixel_mm']:g} mm pixels, {s['slice_mm']:g} mm "
+        f"slices (synthetic); model {model}"
+        f"{' (' + m['checkpoint'] + ')' if m.get('checkpoint') else ''}"
+        f"{' (random weights)' if m.get('random_model') else ''}; {sc['patches']} tiles, "
+        f"batch {r['settings']['batch_size']}; {_machine(r['machine'])}.",
+        "",
+        "| part | seconds | share |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {p['label']} | {p['median_s']:.2f} | {p['share']:.0%} |" for p in r["parts"]]
+    lines.append(f"| **whole scan** | **{sc['median_wall_s']:.2f}** | 100% |")
+    met = "met" if rat["scan_over_bare"] >= rat["target"] else "**not met**"
+    lines += [
+        "",
+        f"Whole scan: **{sc['patches_per_s']:.4g} patches/s**; bare U-Net forward on the same tiles: "
+        f"{bare['patches_per_s']:.4g} patches/s; ratio **{rat['scan_over_bare']:.2f}** (target >= "
+        f"{rat['target']:g}: {met}; scoring stage alone {rat['scoring_stage_over_bare']:.2f}). "
+        f"CPU: {r['cpu']}.",
+    ]
+    return "\n".join(lines)
+
+
 def render_benchmarks(root: Path) -> str:
     """The benchmarks block: every benchmarks/results/*.json that exists, as a table."""
     res = Path(root) / "benchmarks" / "results"
@@ -337,6 +367,8 @@ def render_benchmarks(root: Path) -> str:
         ("scoring.json", "Scoring throughput (`benchmarks/scoring.py`)", scoring_markdown),
         ("fast_scoring.json", "Fast scoring of the paper-size model (`benchmarks/fast_scoring.py`)",
          fast_scoring_markdown),
+        ("scan_speed.json", "Whole `btd scan`, end to end (`benchmarks/scan_speed.py`)",
+         scan_speed_markdown),
         ("training.json", "Training throughput (`benchmarks/training.py`)", training_markdown),
         ("pipeline_times.json", "Default `dvc repro`, wall time per stage (`benchmarks/pipeline_times.py`)",
          pipeline_markdown),
