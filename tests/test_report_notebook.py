@@ -71,3 +71,9 @@ def test_clean_report_rewrites_in_place(tmp_path: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+
+
+def test_papermills_injected_cell_gets_a_stable_id() -> None:
+    nb = _nb([])
+    nb["cells"][0].update(id="a1b2c3d4", metadata={"tags": ["injected-parameters"]})
+    assert clean_notebook(nb, Path("/x"))["cells"][0]["id"] == "injected-parameters"

@@ -71,6 +71,8 @@ def clean_notebook(nb: dict[str, Any], root: Path) -> dict[str, Any]:
     for cell in nb.get("cells", []):
         for key in VOLATILE_CELL_KEYS:
             cell.get("metadata", {}).pop(key, None)
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            cell["id"] = "injected-parameters"  # papermill draws a random id on every run
         if cell.get("cell_type") == "code":
             cell["outputs"] = _merge_streams(cell.get("outputs", []))
     return nb
