@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fixtures_medical import ct_phantom, write_ct_series
+from fixtures_medical import ct_phantom, write_ct_series, write_nifti
 
 from btd.cli import main
 from btd.data.dataset import save_patch_dataset
-from btd.data.io import MAX_VOXELS, read_volume
+from btd.data.io import MAX_VOXELS, check_scan_values, read_volume
 from btd.detect import Calibration, calibration_path, fit_threshold
 from btd.diffusion.checkpoint import checkpoint_sha256, read_checkpoint, save_checkpoint
 from btd.diffusion.train import TrainConfig, train
@@ -527,3 +530,172 @@ def test_slices_smaller_than_the_patch(ckpt, tmp_path, capsys):
     code, _, err = cli(scan(small, ckpt, tmp_path / "o", "--threshold", "0", "--coords", coords),
                        capsys)  # fmt: skip
     assert_error(code, err, "scan", "smaller than the model's 16x16 patches")
+
+
+# ----------------------------------------------------------------------------- 12. burned-in text
+
+
+SKIPPED_ONE_OF_4 = (
+    "skipped 1 of 4 DICOM slices marked BurnedInAnnotation = YES (their burned-in text would "
+    "reach the heat maps)"
+)
+
+
+def _burn_in(path: Path) -> None:
+    """Mark a DICOM file BurnedInAnnotation = YES (names or dates are part of its pixels)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(path)
+
+
+def test_burned_in_slices_are_skipped_with_a_warning(ckpt, tmp_path, capsys, caplog):
+    folder = tmp_path / PATIENT_FOLDER
+    volume = ct_phantom((4, 32, 32))
+    files = write_ct_series(folder, volume)  # files[k] holds slice k (names are shuffled)
+    _burn_in(files[1])
+    with caplog.at_level(logging.WARNING, logger="btd"):
+        out, _, meta = read_volume(folder)
+    np.testing.assert_array_equal(out, np.delete(volume, 1, axis=0))  # not stacked
+    assert meta["n_slices"] == 3
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("btd")] == [
+        SKIPPED_ONE_OF_4
+    ]
+    code, _, err = cli(scan(folder, ckpt, tmp_path / "o", "--threshold", "0"), capsys)
+    assert code == 0, err
+    assert f"btd scan: warning: {SKIPPED_ONE_OF_4}" in err.splitlines()
+    assert PATIENT_FOLDER not in err and str(tmp_path) not in err
+    assert pd.read_csv(tmp_path / "o" / "scores.csv")["slice"].max() == 2
+
+
+def test_all_slices_burned_in_is_one_line_error(ckpt, tmp_path, capsys):
+    folder = tmp_path / PATIENT_FOLDER
+    files = write_ct_series(folder, ct_phantom((3, 32, 32)))
+    for path in files:
+        _burn_in(path)
+    code, _, err = cli(scan(folder, ckpt, tmp_path / "o", "--threshold", "0"), capsys)
+    line = assert_error(
+        code,
+        err,
+        "scan",
+        "error: input folder: all 3 DICOM slices have burned-in annotations "
+        "(BurnedInAnnotation = YES): their text would reach the heat maps",
+    )
+    assert PATIENT_FOLDER not in line and not (tmp_path / "o").exists()
+    code, _, err = cli(scan(files[0], ckpt, tmp_path / "o", "--threshold", "0"), capsys)
+    assert_error(code, err, "scan", f"error: {files[0].name}: the DICOM image has burned-in")
+
+
+# ----------------------------------------------------------------------------- 13. unusable volumes
+
+
+HIGH_CT = (
+    "absurd CT values: 2,048 voxel(s) outside the plausible -4000..40000 HU "
+    "(range 43976..46198 after rescale)"
+)
+
+
+def test_check_scan_values_known_answers():
+    """The helper `btd scan` and `btd prepare` share, one case at a time."""
+    ct = ct_phantom((2, 32, 32))
+    check_scan_values("v", ct, "ct")  # a plausible CT passes
+    padded = ct.copy()
+    padded[:, :4] = -32768  # one fill value outside the field of view: the window clips it to air
+    check_scan_values("v", padded, "ct")
+    check_scan_values("v", ct.astype(np.float32) + 45000, "mri")  # MRI units have no HU range
+    check_scan_values("v", ct.astype(np.float32) + 45000, None)  # nor an unknown (normalised) one
+    with_nan = ct.astype(np.float32)
+    with_nan[1, 5, 5] = np.nan
+    two_fills = padded.copy()
+    two_fills[0, 10, 10] = -5000  # a second value below the range is not padding
+    cases = [
+        (np.zeros((0, 32, 32), np.int16), "ct", "empty volume"),
+        (np.zeros((2, 0, 32), np.float32), None, "empty volume"),
+        (with_nan, "ct", "1 NaN/inf voxel(s)"),
+        (np.full((2, 8, 8), -1000, np.int16), "ct", "constant volume: all 128 voxels are -1000"),
+        (np.full((2, 8, 8), 0.25, np.float32), None, "constant volume: all 128 voxels are 0.25"),
+        (ct.astype(np.float32) * 1000, "ct", "absurd CT values"),  # milli-HU
+        (ct.astype(np.float32) + 45000, "ct", HIGH_CT),
+        (two_fills, "ct", "absurd CT values: 257 voxel(s) outside"),
+    ]
+    for volume, modality, fragment in cases:
+        with pytest.raises(BTDInputError, match=re.escape(f"input: {fragment}")):
+            check_scan_values("input", volume, modality)
+
+
+def _blank(path: Path) -> list:
+    np.save(path, np.full((2, 32, 32), -1000, np.int16))
+    return []
+
+
+def _milli_hu(path: Path) -> list:
+    write_nifti(path, ct_phantom((2, 32, 32)).astype(np.float32) * 1000)
+    return ["--modality", "ct"]
+
+
+def _no_slices(path: Path) -> list:
+    write_nifti(path, np.zeros((0, 32, 32), np.int16))
+    return ["--modality", "ct"]
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "fragment"),
+    [("blank.npy", _blank, "constant volume: all 2,048 voxels are -1000"),
+     ("milli_hu.nii.gz", _milli_hu, "absurd CT values: "),
+     ("no_slices.nii.gz", _no_slices, "empty volume: the header declares 32 x 32 x 0 voxels")],
+)  # fmt: skip
+def test_unusable_volumes_refused_by_scan(name, write, fragment, ckpt, tmp_path, capsys):
+    path = tmp_path / PATIENT_FOLDER / name
+    path.parent.mkdir()
+    extra = write(path)
+    code, _, err = cli(scan(path, ckpt, tmp_path / "o", "--threshold", "0", *extra), capsys)
+    line = assert_error(code, err, "scan", f"error: {name}: {fragment}")
+    assert PATIENT_FOLDER not in line and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- 14. stale temp files
+
+
+def test_resume_removes_stale_temporary_checkpoints(tmp_path, caplog):
+    x = np.random.default_rng(0).random((8, 1, P, P), dtype=np.float32)
+    out = tmp_path / "model"
+    train(x, TrainConfig(image_size=P, steps=2, batch_size=4, seed=0, **TINY), out, progress=False)
+
+    def killed_save(folder: Path) -> Path:
+        """What a save killed mid-write leaves: atomic_path's temporary file, never renamed."""
+        folder.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".checkpoint.pt.", suffix=".tmp.pt", dir=folder)
+        os.write(fd, b"half a checkpoint")
+        os.close(fd)
+        return Path(tmp)
+
+    stale = killed_save(out)
+    kept = [
+        out / ".loss_log.csv.abcd1234.tmp.csv",  # another file's temporary
+        out / ".checkpoint.pt.tmp.pt",  # no random part
+        out / "checkpoint.pt.abcd1234.tmp.pt",  # no leading dot
+        out / ".checkpoint.pt.abcd1234.tmp.pt.bak",
+        out / ".checkpoint.pt.ABCD-1234.tmp.pt",  # not mkstemp's characters
+        out / ".old-checkpoint.pt.abcd1234.tmp.pt",
+    ]
+    for path in kept:
+        path.write_bytes(b"mine")
+    (out / ".checkpoint.pt.folder12.tmp.pt").mkdir()  # a folder, not a file
+    config = TrainConfig(image_size=P, steps=3, batch_size=4, seed=0, **TINY)
+    with caplog.at_level(logging.WARNING, logger="btd"):
+        result = train(x, config, out, progress=False)
+    assert (result.start_step, result.end_step) == (2, 3)
+    assert not stale.exists()
+    assert all(path.read_bytes() == b"mine" for path in kept)
+    assert (out / ".checkpoint.pt.folder12.tmp.pt").is_dir()
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("btd")]
+    assert messages == [
+        f"removed 1 stale temporary checkpoint file(s) left by an interrupted save: {stale.name}"
+    ]
+    # killed during the very first save: no checkpoint yet, the leftover still goes
+    fresh = tmp_path / "fresh"
+    first = killed_save(fresh)
+    result = train(x, config, fresh, progress=False)
+    assert result.start_step == 0 and not first.exists()
+    assert sorted(p.name for p in fresh.iterdir()) == ["checkpoint.pt", "loss_log.csv"]

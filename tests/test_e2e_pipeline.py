@@ -134,9 +134,9 @@ def test_deepfake_score_and_result_outputs_are_sane(tiny_run: Path) -> None:
     roc = list((tiny_run / "metrics/roc").glob("*.csv"))
     assert len(roc) == len(SCENARIOS)
     ablations = json.loads((tiny_run / "metrics/ablations.json").read_text())
-    assert {"B-1", "F&B-1", "B-3", "F&B-3"} <= set(ablations["table3"]["DIFF-MRI-Inject"])
+    assert {"B-1", "F&B-1", "B-3", "F&B-3"} <= set(ablations["table3"]["LDM-MRI-Inject"])
     explain = json.loads((tiny_run / "metrics/explain.json").read_text())
-    assert {"DIFF-MRI-Inject/BTD", "DIFF-MRI-Inject/F&B-2"} <= set(explain)
+    assert {"LDM-MRI-Inject/BTD", "LDM-MRI-Inject/F&B-2"} <= set(explain)
 
 
 def test_executed_notebooks_have_outputs_and_no_errors(tiny_run: Path) -> None:

@@ -214,6 +214,59 @@ def test_prepare_dicom_series_takes_the_header_modality(tmp_path, capsys):
     assert code == 2 and "need exactly the columns" in err and "Doe_Jane" not in err
 
 
+def _burn_in(path: Path) -> None:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(path)
+
+
+def test_prepare_skips_burned_in_slices_with_a_warning(tmp_path, capsys):
+    vol, _ = lesion_volume((6, 32, 32))
+    series = tmp_path / "Doe_Jane_PID-4711"
+    files = write_ct_series(series, vol, spacing=(2.0, 1.4, 1.4))  # files[k] holds slice k
+    _burn_in(files[5])
+    sites = tmp_path / "sites.csv"
+    sites.write_text("slice,y,x,diameter_mm\n3,24,24,9\n")
+    argv = ["prepare", series, "--sites", sites, "--patch-size", P]
+    code, _, err = run([*argv, "--out", tmp_path / "ds"], capsys)
+    assert code == 0, err
+    assert (
+        "btd prepare: warning: skipped 1 of 6 DICOM slices marked BurnedInAnnotation = YES "
+        "(their burned-in text would reach the heat maps)"
+    ) in err.splitlines()
+    assert "Doe_Jane" not in err
+    _, manifest = load_patch_dataset(tmp_path / "ds")
+    assert manifest["slice"].max() <= 4  # slice 5 was not stacked
+    for path in files[:5]:
+        _burn_in(path)
+    code, _, err = run([*argv, "--out", tmp_path / "ds2"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(
+        "btd prepare: error: input 1 (DICOM folder): all 6 DICOM slices have burned-in "
+        "annotations (BurnedInAnnotation = YES)"
+    )
+    assert "Doe_Jane" not in err and not (tmp_path / "ds2").exists()
+
+
+@pytest.mark.parametrize(
+    ("volume", "fragment"),
+    [(np.full((4, 32, 32), -1000, np.int16), "constant volume: all 4,096 voxels are -1000"),
+     (ct_phantom((4, 32, 32)).astype(np.float32) * 1000, "absurd CT values: "),  # milli-HU
+     (ct_phantom((4, 32, 32)).astype(np.float32) - 6000, "absurd CT values: 4,096 voxel(s)"),
+     (np.zeros((0, 32, 32), np.int16), "empty volume: the header declares 32 x 32 x 0 voxels")],
+    ids=["constant", "milli-hu", "offset", "no-slices"],
+)  # fmt: skip
+def test_prepare_refuses_unusable_volumes(volume, fragment, tmp_path, capsys):
+    img = write_nifti(tmp_path / "ct.nii.gz", volume, spacing=(2.0, 1.4, 1.4))
+    argv = ["prepare", img, "--modality", "ct", "--out", tmp_path / "ds", "--patch-size", P]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"btd prepare: error: input 1 (ct.nii.gz): {fragment}"), err
+    assert str(tmp_path) not in err and not (tmp_path / "ds").exists()
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

@@ -30,29 +30,29 @@ def fake_tables(root: Path) -> None:
 
 def test_paper_numbers_are_the_papers():
     p = paper_numbers()
-    assert p["columns"]["DIFF-MRI-Inject"] == "SD-MRI-Inject"
+    assert p["columns"]["LDM-MRI-Inject"] == "SD-MRI-Inject"
     assert p["table1"]["BTD"]["CTGAN-CT-Remove"] == 0.55
-    assert p["table3_d1"]["B"]["DIFF-MRI-Inject"] == 0.9862
+    assert p["table3_d1"]["B"]["LDM-MRI-Inject"] == 0.9862
 
 
 def test_render_known_answer(tmp_path):
     fake_tables(tmp_path)
     text = render(tmp_path)
-    # DIFF-MRI-Inject: paper BTD 0.99, paper best baseline ae 0.80; ours BTD 0.90, best ae 0.70
+    # LDM-MRI-Inject: paper BTD 0.99, paper best baseline ae 0.80; ours BTD 0.90, best ae 0.70
     assert (
-        "| DIFF-MRI-Inject (SD-MRI-Inject) | 0.99 | 0.90 [0.50, 1.00] | 0.65 [0.50, 1.00] | 0.80 (AE) "
+        "| LDM-MRI-Inject (SD-MRI-Inject) | 0.99 | 0.90 [0.50, 1.00] | 0.65 [0.50, 1.00] | 0.80 (AE) "
         "| 0.70 [0.50, 1.00] (AE) |" in text
     )
     # CTGAN-CT-Inject: the paper's best baseline is In-Paint AE (0.80)
     assert "| 0.80 (In-Paint AE) |" in text
-    assert "| DIFF-CT-Remove | 0.86 | 0.80 [0.50, 1.00] | 0.66 | 0.55 [0.50, 1.00] |" in text
+    assert "| LDM-CT-Remove | 0.86 | 0.80 [0.50, 1.00] | 0.66 | 0.55 [0.50, 1.00] |" in text
     assert (
         "injection BTD 0.90 vs control 0.65 vs best baseline 0.70; removal BTD 0.90 vs control 0.65 "
         "vs best baseline 0.70" in text
     )
     # neither the control nor BTD+ counts as a baseline; BTD+ gets its own table
     assert "(Laplacian (control))" not in text and "(BTD+ scanner)" not in text
-    assert "| DIFF-MRI-Inject | 0.90 [0.50, 1.00] | 0.95 [0.50, 1.00] | 0.65 [0.50, 1.00] |" in text
+    assert "| LDM-MRI-Inject | 0.90 [0.50, 1.00] | 0.95 [0.50, 1.00] | 0.65 [0.50, 1.00] |" in text
     assert "BTD: above the control on 0 of 6" in text
 
 

@@ -16,8 +16,6 @@ from btd.attacks.testsets import (
     load_testset,
     realism_stats,
     sample_sites,
-    scenario_attack,
-    scenario_modality,
     write_testset,
 )
 from btd.errors import BTDConfigError, BTDInputError
@@ -71,12 +69,10 @@ def test_removal_labels():
     _, masks, meta = build_testset("DIFF-MRI-Remove", (rng.random((2, 1, P, P)), rows(2, "TB")),
                                    fake_parts(3, rng))  # fmt: skip
     assert meta["label"].tolist() == ["TB", "TB", "FB", "FB", "FB"]
-    assert (
-        scenario_attack("DIFF-MRI-Remove") == "remove"
-        and scenario_modality("DIFF-MRI-Remove") == "mri"
-    )
     with pytest.raises(BTDConfigError):
-        scenario_attack("DIFF-MRI-Swap")
+        build_testset(
+            "DIFF-MRI-Swap", (rng.random((2, 1, P, P)), rows(2, "TB")), fake_parts(3, rng)
+        )
 
 
 def test_build_rejects_inconsistent_inputs():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,14 +20,18 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def _temp_affixes(path: Path) -> tuple[str, str]:
+    """(prefix, suffix) of `atomic_path`'s temporary names: `.<name>.<random>.tmp<suffix>`."""
+    return f".{path.name}.", ".tmp" + path.suffix
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the same folder; rename it onto `path` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent
-    )
+    prefix, suffix = _temp_affixes(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -37,6 +42,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def stale_temp_files(path: str | Path) -> list[Path]:
+    """Temporary files that `atomic_path(path)` writes left behind when killed (kill -9, power
+    loss: its `finally` never ran): regular files in `path`'s folder named exactly
+    `.<name>.<random>.tmp<suffix>`, `<random>` being mkstemp's letters, digits and underscores.
+    Sorted; the caller decides whether to remove them (no write of `path` may be running)."""
+    path = Path(path)
+    prefix, suffix = _temp_affixes(path)
+    pattern = re.compile(re.escape(prefix) + "[a-z0-9_]+" + re.escape(suffix))
+    if not path.parent.is_dir():
+        return []
+    return sorted(
+        p
+        for p in path.parent.iterdir()
+        if pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink()
+    )
 
 
 def write_atomic(path: str | Path, writer: Callable[[Path], Any]) -> Path:

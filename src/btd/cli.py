@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,6 @@ RAW = argparse.RawDescriptionHelpFormatter
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 EXIT_INTERNAL = 1
 DEBUG_ENV = "BTD_DEBUG"  # set to 1 to get the traceback of an unexpected error
-Handler = Callable[[argparse.Namespace], int]
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -489,7 +490,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from btd.data.dataset import load_patch_dataset
-    from btd.detect.calibrate import calibrate_task, calibration_path
+    from btd.detect.calibrate import calibrate_task, calibrate_task_plus, score_calibration_path
     from btd.diffusion.checkpoint import load_detector
     from btd.diffusion.train import resolve_device
     from btd.scenarios import BENIGN_LABEL
@@ -507,20 +508,36 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
     tasks = ATTACKS if args.task == "both" else (args.task,)
     for task in tasks:
-        cal = calibrate_task(
-            diffusion,
-            x,
-            manifest,
-            task,
-            args.window,
-            args.target_fpr,
-            family=args.family,
-            batch_size=args.batch_size,
-        )
-        path = cal.save(calibration_path(args.checkpoint, task), checkpoint=args.checkpoint)
+        if args.score == "btd":
+            cal = calibrate_task(
+                diffusion,
+                x,
+                manifest,
+                task,
+                args.window,
+                args.target_fpr,
+                family=args.family,
+                batch_size=args.batch_size,
+            )
+        else:
+            cal = calibrate_task_plus(
+                diffusion,
+                x,
+                manifest,
+                task,
+                args.window,
+                args.target_fpr,
+                args.score,
+                batch_size=args.batch_size,
+            )
+        path = score_calibration_path(args.checkpoint, task, args.score)
+        path = cal.save(path, checkpoint=args.checkpoint)
+        what = f"family {cal.family}" if args.score == "btd" else f"score {args.score}"
+        per = f", {len(cal.scanner_references)} scanner reference(s)" if args.score != "btd" else ""
         print(
-            f"{task}: family {cal.family}, threshold {cal.threshold:.6g} at target FPR "
-            f"{cal.target_fpr:g} (n={cal.n} {BENIGN_LABEL[task]} {args.split} patches) -> {path}"
+            f"{task}: {what}, threshold {cal.threshold:.6g} at target FPR "
+            f"{cal.target_fpr:g} (n={cal.n} {BENIGN_LABEL[task]} {args.split} patches{per}) "
+            f"-> {path}"
         )
         if cal.note:
             print(f"  note: {cal.note}")
@@ -537,7 +554,10 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
             "their distribution and set the threshold at the target false-positive rate (paper "
             "section 3.4; no fake is needed). inject is calibrated on real tumours (TM) scored in "
             "the window, remove on healthy tissue (TB) scored over the patch. Writes "
-            "calibration_<task>.json beside the checkpoint, which `btd scan` reads."
+            "calibration_<task>.json beside the checkpoint, which `btd scan` reads. --score "
+            "two-sided / self-ref (BTD+) write calibration_<task>.<score>.json instead, with the "
+            "sorted benign statistic (pooled, and per manifest scanner with enough samples), and "
+            "flag a two-sided tail probability below the target FPR; --family is for btd only."
         ),
         epilog="examples:\n"
         "  btd calibrate --checkpoint models/ddpm/ct/checkpoint.pt \\\n"
@@ -566,8 +586,24 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         "--split", default="val", choices=("train", "val", "holdout"), help="(default val)"
     )
     p.add_argument("--batch-size", type=_positive_int, default=64, help="patches per model call")
+    _add_score_option(p)
     _add_device(p)
     p.set_defaults(func=_calibrate)
+
+
+#: btd.detect.calibrate.SCORES, spelt out so that building the parser does not import scipy.
+SCORES = ("btd", "two-sided", "self-ref")
+
+
+def _add_score_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--score",
+        choices=SCORES,
+        default="btd",
+        help="btd = the paper's one-sided residual (default); two-sided = BTD+ two-sided tail "
+        "of the residual under the benign distribution; self-ref = BTD+ window-vs-context "
+        "ratio, two-sided (both scanner-aware where the calibration has the scanner)",
+    )
 
 
 # ----------------------------------------------------------------------------- scan
@@ -601,6 +637,7 @@ def _scan(args: argparse.Namespace) -> int:
         fast=_fast_options(args),
         accelerator=accelerator,
         resample=not args.no_resample,
+        score=args.score,
     )
     if report is None:  # a non-main accelerate process: the main one reports
         return 0
@@ -662,9 +699,12 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
             "the checkpoint's is refused), cut patches of the model's size at --coords or tile "
             "every slice (skipping background tiles), score them in batches and flag those above "
             "the calibrated threshold (calibration_<task>.json beside the checkpoint, from `btd "
-            "calibrate`; or --threshold). Writes scores.csv (slice,y,x,score,flagged), "
-            "flag_*.png heat maps and summary.md to --out. Outputs never name the patient or the "
-            "input file; the input is called 'input volume' with a hash of its voxels."
+            "calibrate`; or --threshold). --score two-sided / self-ref read BTD+ scores against "
+            "calibration_<task>.<score>.json's benign reference, the scanner's own when the DICOM "
+            "Manufacturer + ManufacturerModelName has one, else the pooled one. Writes "
+            "scores.csv (slice,y,x,score,flagged), flag_*.png heat maps and summary.md to --out. "
+            "Outputs never name the patient or the input file; the input is called 'input "
+            "volume' with a hash of its voxels."
         ),
         epilog="examples:\n"
         "  btd scan /data/series_0001 --checkpoint models/ddpm/ct/checkpoint.pt --out report/\n"
@@ -684,7 +724,11 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--coords", help="CSV with columns slice,y,x: score only these sites")
     p.add_argument("--task", choices=ATTACKS, help="which calibration / score")
-    p.add_argument("--threshold", type=_threshold, help="flag above this score (skips calibration)")
+    p.add_argument(
+        "--threshold",
+        type=_threshold,
+        help="flag above this score (skips calibration; BTD+ --score still reads its reference)",
+    )
     p.add_argument(
         "--window", type=_positive_int, default=DEFAULT_WINDOW, help="inject score window (px)"
     )
@@ -710,6 +754,7 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prenormalized", action="store_true", help="input is already in [0,1]; do not normalise"
     )
+    _add_score_option(p)
     _add_device(p)
     _add_fast(p)
     p.set_defaults(func=_scan)
@@ -724,11 +769,39 @@ def _register_detector_commands(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=one_line_failures(name, p.get_default("func")))
 
 
+class _WarningLines(logging.Handler):
+    """Warnings the library logs (`btd.*` loggers) as one stderr line `btd <cmd>: warning: ...`."""
+
+    def __init__(self, command: str):
+        super().__init__(logging.WARNING)
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = " ".join(record.getMessage().split())
+            print(f"btd {self.command}: warning: {message}", file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never break the command
+            self.handleError(record)
+
+
+@contextmanager
+def _library_warnings(command: str) -> Iterator[None]:
+    """Show the library's logged warnings like the CLI's own for the duration of one command."""
+    logger = logging.getLogger("btd")
+    handler = _WarningLines(command)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _library_warnings(args.command):
+            return int(args.func(args) or 0)
     except BTDError as exc:
         print(f"btd {args.command}: error: {exc}", file=sys.stderr)
         return 2

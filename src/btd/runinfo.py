@@ -8,7 +8,9 @@ changing the thread count must not retrain a model, and re-running must not rewr
   from the `runtime:` section of params.yaml, overridable by environment variables.
 - `environment()`: CPU, Python and package versions, compared with requirements.lock.
 - `write_run_info(stage, timings)`: both, with the stage's timings, into `runs/<stage>.json`
-  (git-ignored), and a short table for the executed notebook.
+  (git-ignored), and `summary_lines()` a short table for the executed notebook. Both take an
+  optional precomputed `env` so that a stage computes `environment()` once:
+  `env = environment(); write_run_info(stage, timings, env=env); summary_lines(env)`.
 """
 
 from __future__ import annotations
@@ -152,21 +154,35 @@ def environment() -> dict[str, Any]:
     }
 
 
-def write_run_info(stage: str, timings: dict[str, Any], runs_dir: str | Path = RUNS_DIR) -> Path:
-    """runs/<stage>.json: the stage's timings, its runtime knobs and the environment."""
+def write_run_info(
+    stage: str,
+    timings: dict[str, Any],
+    runs_dir: str | Path = RUNS_DIR,
+    env: dict[str, Any] | None = None,
+) -> Path:
+    """runs/<stage>.json: the stage's timings, its runtime knobs and the environment.
+
+    `env` is a precomputed `environment()` (pass the one given to `summary_lines` so that a stage
+    reads the environment once); None computes it here.
+    """
     info = {
         "stage": stage,
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "timings": timings,
         "runtime": asdict(runtime()),
-        "environment": environment(),
+        "environment": environment() if env is None else env,
     }
     return write_json(paths.resolve(runs_dir) / f"{stage}.json", info)
 
 
 def summary_lines(env: dict[str, Any] | None = None) -> list[str]:
-    """A few lines for the executed notebook: where and with what this report was made."""
-    env = env or environment()
+    """A few lines for the executed notebook: where and with what this report was made.
+
+    `env` is a precomputed `environment()` (e.g. the one given to `write_run_info`); None
+    computes it here.
+    """
+    if env is None:
+        env = environment()
     pk = env["packages"]
     keys = ("torch", "numpy", "scipy", "pandas", "scikit-learn")
     lines = [

@@ -173,3 +173,34 @@ def shap_residuals(results: dict, n_show: int, path: str | Path):
     fig.tight_layout()
     save(fig, path)
     return fig
+
+
+def attack_nps(spectra: pd.DataFrame, path: str | Path) -> plt.Figure:
+    """Radially averaged NPS inside and outside the tamper mask, per modality: reals vs each attacker.
+
+    `spectra` is `btd.attacks.traces.spectra`' long table; reals and each attacker's fakes are
+    averaged over the modality's scenarios (inject and remove).
+    """
+    mods = list(dict.fromkeys(spectra["modality"]))
+    regions = list(dict.fromkeys(spectra["region"]))
+    fig, axes = plt.subplots(len(mods), len(regions), figsize=(5 * len(regions), 3.4 * len(mods)),
+                             squeeze=False, sharex=True)  # fmt: skip
+    for r, mod in enumerate(mods):
+        for c, region in enumerate(regions):
+            ax, d = (
+                axes[r, c],
+                spectra[(spectra["modality"] == mod) & (spectra["region"] == region)],
+            )
+            real = d[d["group"] == "real"].groupby("freq")["nps"].mean()
+            ax.plot(real.index, real.values, color="black", lw=2.2, label="real")
+            for attacker, g in d[d["group"] == "fake"].groupby("attacker", sort=False):
+                curve = g.groupby("freq")["nps"].mean()
+                ax.plot(curve.index, curve.values, marker=".", label=f"{attacker} fakes")
+            ax.set_yscale("log")
+            ax.set_title(f"{mod.upper()} · {region}")
+            ax.set_xlabel("spatial frequency (cycles / pixel)")
+            ax.set_ylabel("NPS (intensity² · pixel)")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, path)
+    return fig

@@ -18,10 +18,11 @@ from scipy import ndimage
 from btd.data.patches import healthy_sites
 from btd.data.records import ScanVolume
 from btd.errors import BTDConfigError, BTDInputError
+from btd.scenarios import ATTACKS
 
 Centre = tuple[float, float, float]
 Box = tuple[slice, slice, slice]
-ROLES = ("inject", "remove")
+ROLES = ATTACKS  # CT-GAN has one model per attack
 
 
 def check_cube_geometry(cube_mm: float, cube_vox: int, power_of_two: bool = True) -> float:

@@ -38,6 +38,7 @@ from btd.atomic import atomic_path
 from btd.attacks.masks import sample_tumour_diameters, site_masks, soft_blend
 from btd.data.patches import patch_origin
 from btd.errors import BTDConfigError, BTDInputError
+from btd.scenarios import SITE_LABEL
 
 FORMAT = "btd-inpaint-ddpm"
 FORMAT_VERSION = 1
@@ -646,7 +647,7 @@ def inpaint_sites(
     return fakes, region
 
 
-ATTACKS = {"inject": ("TB", "malign"), "remove": ("TM", "benign")}
+ATTACKS = {"inject": (SITE_LABEL["inject"], "malign"), "remove": (SITE_LABEL["remove"], "benign")}
 
 
 def fake_site_table(manifest: pd.DataFrame, attack: str, diameters_mm: np.ndarray) -> pd.DataFrame:
@@ -658,8 +659,7 @@ def fake_site_table(manifest: pd.DataFrame, attack: str, diameters_mm: np.ndarra
     return meta
 
 
-def make_diffusion_fakes(
-    attacker: InpaintDDPM | StableDiffusionInpainter,
+def plan_fakes(
     patches: np.ndarray,
     manifest: pd.DataFrame,
     attack: str,
@@ -671,13 +671,12 @@ def make_diffusion_fakes(
     mri_margin_mm: float = 2.0,
     removal_condition: str = "benign",
     seed: int = 0,
-    **repaint_kwargs: Any,
-) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """Inject (at TB sites, conditioned malign) or remove (at TM sites, conditioned benign or
-    unconditionally) with the paper's masks; returns (fakes, tamper masks, fake metadata).
+) -> tuple[np.ndarray, str | None, pd.DataFrame]:
+    """The paper's masks and condition for an attack at `manifest`'s sites: (masks, condition, meta).
 
+    Inject at TB sites (condition malign), remove at TM sites (benign, or None = unconditional).
     Injection sizes are drawn from `train_diameters_mm` (they set the MRI mask; for CT, whose mask
-    is uniform, they are the nominal size recorded in the metadata).
+    is uniform, they are the nominal size recorded in the metadata). Every in-painting attack shares it.
     """
     if attack not in ATTACKS:
         raise BTDConfigError("attack", f"must be 'inject' or 'remove', got {attack!r}")
@@ -701,13 +700,37 @@ def make_diffusion_fakes(
     masks = site_masks(
         modality, patches.shape[-1], centres, diam, pixel_mm, ct_mask_px, mri_margin_mm
     )
+    return masks, condition, fake_site_table(manifest, attack, diam)
+
+
+def make_diffusion_fakes(
+    attacker: InpaintDDPM | StableDiffusionInpainter,
+    patches: np.ndarray,
+    manifest: pd.DataFrame,
+    attack: str,
+    modality: str,
+    pixel_mm: float,
+    train_diameters_mm: Sequence[float],
+    *,
+    ct_mask_px: int | None = None,
+    mri_margin_mm: float = 2.0,
+    removal_condition: str = "benign",
+    seed: int = 0,
+    **repaint_kwargs: Any,
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Inject or remove with the paper's masks (`plan_fakes`); returns (fakes, tamper masks, meta)."""
+    masks, condition, meta = plan_fakes(
+        patches, manifest, attack, modality, pixel_mm, train_diameters_mm, ct_mask_px=ct_mask_px,
+        mri_margin_mm=mri_margin_mm, removal_condition=removal_condition, seed=seed,
+    )  # fmt: skip
     if isinstance(attacker, StableDiffusionInpainter):
         fakes, region = attacker.inpaint(patches, masks, condition, seed=seed)
     else:
+        centres = manifest[["py", "px"]].to_numpy()
         fakes, region = inpaint_sites(
             attacker, patches, centres, masks, condition, seed=seed, **repaint_kwargs
         )
-    return fakes, region, fake_site_table(manifest, attack, diam)
+    return fakes, region, meta
 
 
 # ------------------------------------------------------------------- optional: local SD weights

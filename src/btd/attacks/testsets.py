@@ -30,33 +30,15 @@ from tqdm import tqdm
 
 from btd.atomic import default_mode
 from btd.errors import BTDConfigError, BTDInputError
+from btd.scenarios import ATTACKS, BENIGN_LABEL, FAKE_LABEL, attack_of
 
 META_COLUMNS = [
     "sample_id", "scenario", "attack", "label", "fake", "patient", "scanner",
     "slice", "cy", "cx", "py", "px", "diameter_mm",
 ]  # fmt: skip
 SITE_COLUMNS = ["patient", "scanner", "slice", "cy", "cx", "py", "px", "diameter_mm"]
-#: attack -> (label of real samples, label of fake samples)
-LABELS = {"inject": ("TM", "FM"), "remove": ("TB", "FB")}
-
-
-# ------------------------------------------------------------------------------- scenario names
-
-
-def scenario_attack(scenario: str) -> str:
-    """'inject' or 'remove' from a scenario name such as DIFF-MRI-Remove."""
-    tail = scenario.rsplit("-", 1)[-1].lower()
-    if tail not in ("inject", "remove"):
-        raise BTDConfigError("scenario", f"{scenario!r} must end in -Inject or -Remove")
-    return tail
-
-
-def scenario_modality(scenario: str) -> str:
-    """'ct' or 'mri' from a scenario name."""
-    parts = scenario.split("-")
-    if len(parts) != 3 or parts[1].lower() not in ("ct", "mri"):
-        raise BTDConfigError("scenario", f"{scenario!r} is not <ATTACKER>-<CT|MRI>-<Inject|Remove>")
-    return parts[1].lower()
+#: attack -> (label of real samples, label of fake samples), from the one vocabulary
+LABELS = {a: (BENIGN_LABEL[a], FAKE_LABEL[a]) for a in ATTACKS}
 
 
 # ----------------------------------------------------------------------------- patient splits
@@ -109,7 +91,7 @@ def build_testset(
     `reals` = (patches, manifest rows): TM rows for injection, TB rows for removal, holdout split.
     `fakes` = (patches, tamper masks, metadata with `SITE_COLUMNS` [and `split`]).
     """
-    attack = scenario_attack(scenario)
+    attack = attack_of(scenario)
     real_label, fake_label = LABELS[attack]
     r_img, r_rows = _check_images(reals[0], f"{scenario} reals"), reals[1]
     f_img, f_mask, f_rows = _check_images(fakes[0], f"{scenario} fakes"), fakes[1], fakes[2]
@@ -176,7 +158,7 @@ def validate_testset(
             )
     if not meta["attack"].isin(LABELS).all() or not meta["fake"].isin((0, 1)).all():
         raise BTDInputError(f"{source}/meta.csv", "attack must be inject|remove and fake 0|1")
-    if len(meta) and scenario_attack(str(meta["scenario"].iloc[0])) != meta["attack"].iloc[0]:
+    if len(meta) and attack_of(str(meta["scenario"].iloc[0])) != meta["attack"].iloc[0]:
         raise BTDInputError(f"{source}/meta.csv", "attack column disagrees with the scenario name")
     area = masks.reshape(n, -1).sum(axis=1)
     fake = meta["fake"].to_numpy() == 1
@@ -385,7 +367,7 @@ def highpass_residual(images: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     return np.stack([im - ndimage.gaussian_filter(im, sigma, mode="reflect") for im in imgs])
 
 
-def _reference_regions(meta: pd.DataFrame, masks: np.ndarray) -> np.ndarray:
+def reference_regions(meta: pd.DataFrame, masks: np.ndarray) -> np.ndarray:
     """Regions to measure: each fake's mask; for reals a square of the median fake-mask area at the site."""
     n, p = masks.shape[0], masks.shape[-1]
     fake = meta["fake"].to_numpy() == 1
@@ -409,7 +391,7 @@ def realism_per_sample(
     Noise is measured away from the region's border (eroded core vs. outside a band), so the edge
     contrast of an in-painted object does not pass for noise.
     """
-    regions = _reference_regions(meta, np.asarray(masks))
+    regions = reference_regions(meta, np.asarray(masks))
     imgs = np.asarray(images, dtype=np.float64).reshape(regions.shape)
     resid = highpass_residual(imgs, sigma)
     band = int(np.ceil(2 * sigma))  # the blur mixes edge contrast this far: keep noise clear of it

@@ -15,25 +15,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from btd import scenarios
 from btd.data.io import read_image
 from btd.errors import BTDConfigError, BTDInputError
+from btd.scenarios import ATTACKS, BENIGN_LABEL, FAKE_LABEL
 
-LABELS = ("TM", "TB", "FM", "FB")  # true/false malicious/benign (CT-GAN convention)
+#: TM, TB, FM, FB: true/fake malicious/benign (CT-GAN convention), from btd.scenarios.
+LABELS = tuple(BENIGN_LABEL[a] for a in ATTACKS) + tuple(FAKE_LABEL[a] for a in ATTACKS)
 TAMPERS = {"ct": ("CTGAN", "SD"), "mri": ("SD",)}
-_ATTACKS = {
-    "injection": "injection",
-    "inject": "injection",
-    "removal": "removal",
-    "remove": "removal",
-}
-_SCENARIO_VERB = {"injection": "Inject", "removal": "Remove"}
+#: btd.scenarios attack -> the Kaggle set's word for it (its folders, CSVs and indicator columns).
+KAGGLE_ATTACK = dict(zip(ATTACKS, ("injection", "removal"), strict=True))
+_ATTACK_OF = {word: attack for attack, word in KAGGLE_ATTACK.items()}
+#: what `attack` may be (either vocabulary) -> the Kaggle word.
+_ATTACKS = {**{word: word for word in _ATTACK_OF}, **KAGGLE_ATTACK}
 _SCANNER_COLUMNS = ("scanner", "Scanner", "ManufacturerModelName", "scanner_model", "model")
 _REQUIRED = ("path", "x", "y", "type")
 
 
 def scenario_name(tamper: str, modality: str, attack: str) -> str:
-    """'CTGAN-CT-Inject', 'SD-MRI-Remove', ...: one name per attack scenario of the paper."""
-    return f"{tamper}-{modality.upper()}-{_SCENARIO_VERB[attack]}"
+    """'CTGAN-CT-Inject', 'SD-MRI-Remove', ...: `btd.scenarios.scenario_name` of a Kaggle attack
+    word ('injection' or 'removal')."""
+    return scenarios.scenario_name(tamper, modality, _ATTACK_OF[attack])
 
 
 def _normalise_args(modality: str, attack: str, tamper: str | None) -> tuple[str, str, list[str]]:
@@ -198,7 +200,7 @@ def load_btd_kaggle(
                 "modality": modality,
                 "attack": attack,
                 "label": label,
-                "is_fake": label.startswith("F"),
+                "is_fake": label in FAKE_LABEL.values(),
                 "x": x,
                 "y": y,
                 "path": str(path),

@@ -9,6 +9,7 @@ Any bad input raises one `BTDInputError(path, problem)` instead of a deep librar
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,11 @@ _INT16 = np.iinfo(np.int16)
 #: Largest volume read (voxels): 512 x 512 x 2048. Checked from the header before the data, so a
 #: small compressed file declaring 1024^3 voxels is refused instead of exhausting memory.
 MAX_VOXELS = 512 * 512 * 2048
+#: Plausible CT values after rescale (HU): air is -1000, dense metal on an extended-HU scanner
+#: reaches about 30,000. Values far outside mean a wrong rescale, unit or data type.
+CT_PLAUSIBLE_HU = (-4000.0, 40000.0)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -191,12 +197,29 @@ def _position(ds: Any, normal: np.ndarray | None) -> float | None:
     return float(pos @ normal) if normal is not None else float(pos[2])
 
 
+def _burned_in(ds: Any) -> bool:
+    """BurnedInAnnotation = YES: text (names, dates, IDs) is part of the pixels themselves."""
+    return str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES"
+
+
+def _burned_in_problem(n: int) -> str:
+    what = "the DICOM image has" if n == 1 else f"all {n} DICOM slices have"
+    return (
+        f"{what} burned-in annotations (BurnedInAnnotation = YES): their text would reach the "
+        "heat maps; no slice left to read"
+    )
+
+
 def read_dicom_file(path: str | Path) -> tuple[np.ndarray, Spacing, dict[str, Any]]:
-    """One DICOM file (single slice or multi-frame) as (Z, Y, X) with rescale applied."""
+    """One DICOM file (single slice or multi-frame) as (Z, Y, X) with rescale applied.
+
+    A file marked BurnedInAnnotation = YES is refused (it is all the slices there are)."""
     path = Path(path)
     if not path.is_file():
         raise BTDInputError(path, "file not found")
     ds = _dcmread(path)
+    if _burned_in(ds):
+        raise BTDInputError(path, _burned_in_problem(1))
     raw = _pixels(ds, path)
     values, integral = _rescale(ds, raw)
     modality = str(ds.get("Modality", "") or "")
@@ -313,17 +336,27 @@ def _slice_dz(folder: Path, positions: list[float] | None, ds: Any) -> float:
 
 
 def load_dicom_series(folder: str | Path) -> DicomSeries:
-    """All DICOM files of one series in `folder`, with what loaders need to map annotations."""
+    """All DICOM files of one series in `folder`, with what loaders need to map annotations.
+
+    Slices marked BurnedInAnnotation = YES are skipped, not stacked (their burned-in text would
+    reach the heat maps), with a logged warning giving the count; if every slice is marked, a
+    BTDInputError.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise BTDInputError(folder, "DICOM folder not found")
     files = _dicom_candidates(folder)
     if not files:
         raise BTDInputError(folder, "empty folder: no DICOM files (.dcm or no extension)")
-    items = []
+    items, burned = [], 0
     for path in files:
         ds = _dcmread(path)
+        if _burned_in(ds):
+            burned += 1
+            continue
         items.append((path, ds, _pixels(ds, path)))
+    if not items:
+        raise BTDInputError(folder, _burned_in_problem(burned))
     _check_same_geometry(items, folder)
     items, positions = _sort_slices(items)
     first = items[0][1]
@@ -335,6 +368,13 @@ def load_dicom_series(folder: str | Path) -> DicomSeries:
     spacing = clean_spacing((_slice_dz(folder, positions, first), dy, dx))
     if positions is None:
         positions = [i * spacing[0] for i in range(volume.shape[0])]
+    if burned:  # after every check: a series that fails is one error line, not a warning too
+        log.warning(
+            "skipped %d of %d DICOM slices marked BurnedInAnnotation = YES (their burned-in text "
+            "would reach the heat maps)",
+            burned,
+            len(files),
+        )
     return DicomSeries(
         volume=volume,
         spacing=spacing,
@@ -401,10 +441,16 @@ def _squeeze_to_3d(path: Path, data: np.ndarray) -> np.ndarray:
 
 
 def check_declared_size(path: Path, shape: Iterable[int]) -> None:
-    """Refuse a header declaring more than MAX_VOXELS voxels, before any data is read."""
+    """Refuse a header declaring more than MAX_VOXELS voxels, or none, before any data is read."""
     dims = [int(s) for s in shape]
     if any(d < 0 for d in dims):
         raise BTDInputError(path, f"header declares a negative size {tuple(dims)}")
+    if 0 in dims:
+        raise BTDInputError(
+            path,
+            f"empty volume: the header declares {' x '.join(map(str, dims))} voxels "
+            "(an axis of length 0)",
+        )
     n = int(np.prod(dims, dtype=object)) if dims else 0
     if n > MAX_VOXELS:
         raise BTDInputError(
@@ -582,6 +628,44 @@ def check_volume(path: str | Path, volume: np.ndarray) -> np.ndarray:
         bad = int(np.count_nonzero(~np.isfinite(volume)))
         raise BTDInputError(path, f"{bad} NaN/inf voxel(s) in the volume")
     return volume
+
+
+def check_scan_values(source: str | Path, volume: np.ndarray, modality: str | None) -> None:
+    """Refuse a scan whose voxels cannot give a meaningful verdict (`btd scan`, `btd prepare`).
+
+    Why: such volumes do not fail by themselves, they give silent wrong answers. An empty one
+    (no voxels, no slices) has nothing to cut; a constant one (all voxels equal: a blank or
+    failed export) normalises to one grey level, so every patch is the same; a CT one with values
+    far outside CT_PLAUSIBLE_HU after rescale (a wrong RescaleSlope/Intercept, unit or data type)
+    is clipped by the HU window into a blank or saturated volume; NaN/inf voxels poison every
+    score. Each would be scored, or turned into training patches, without a word. `read_volume`
+    already refuses empty and NaN/inf files of every kind (label volumes too, which may well be
+    constant); this adds what only a scan must satisfy. One fill value below the CT range is
+    allowed: padding outside the field of view (e.g. -32768), which the window clips to air, as
+    the scanner meant. `modality` None (unknown, or already normalised) skips the CT range.
+    """
+    check_volume(source, volume)
+    lo, hi = float(volume.min()), float(volume.max())
+    if lo == hi:
+        raise BTDInputError(
+            source,
+            f"constant volume: all {volume.size:,} voxels are {lo:g}; nothing to detect "
+            "(a blank or failed export?)",
+        )
+    if modality != "ct":
+        return
+    low, high = CT_PLAUSIBLE_HU
+    if hi <= high and lo >= low:
+        return
+    if hi <= high and float(volume[volume != lo].min()) >= low:
+        return  # one padding value below the range, everything else plausible
+    outside = int(np.count_nonzero((volume < low) | (volume > high)))
+    raise BTDInputError(
+        source,
+        f"absurd CT values: {outside:,} voxel(s) outside the plausible {low:g}..{high:g} HU "
+        f"(range {lo:g}..{hi:g} after rescale); wrong rescale slope/intercept, units or data "
+        "type?",
+    )
 
 
 def _is_nifti(path: Path) -> bool:

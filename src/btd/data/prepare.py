@@ -25,6 +25,7 @@ from btd.data.dataset import (
     dataset_info,
     save_patch_dataset,
 )
+from btd.data.io import check_scan_values
 from btd.data.records import ScanVolume, Tumour
 from btd.data.splits import check_fractions, split_patients
 from btd.errors import BTDConfigError, BTDInputError
@@ -162,6 +163,7 @@ def prepare_volume(
     if not meta.get("spacing_known"):
         raise BTDInputError(name, "no pixel spacing in the file; use DICOM, NIfTI or NRRD")
     mod = input_modality(meta, modality, name)
+    check_scan_values(name, raw, mod)
     mask = np.zeros(raw.shape, dtype=bool)
     if labels is not None:
         mask = label_mask(labels, raw.shape, i)

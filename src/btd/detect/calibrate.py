@@ -34,6 +34,11 @@ PARAMETRIC = {
 }
 FAMILIES = ("auto", *PARAMETRIC, "kde", "empirical")
 MIN_SAMPLES = 10
+#: Scores a calibration can be made for (`--score`): the paper's, and the BTD+ variants
+#: (btd.detect.plus) by their CLI names. A file without a `score` field is `btd`.
+SCORES = ("btd", "two-sided", "self-ref")
+#: Fields a BTD+ calibration adds; omitted from the JSON of a `btd` one (unchanged format).
+PLUS_FIELDS = ("score", "reference", "scanner_references", "min_count")
 CHECKPOINT = "checkpoint.pt"  # btd.diffusion.train.CHECKPOINT_NAME (not imported: torch-free)
 
 
@@ -53,14 +58,24 @@ class Calibration:
     #: SHA-256 and step of the checkpoint whose scores were fitted (None in files before binding).
     checkpoint_sha256: str | None = None
     checkpoint_step: int | None = None
+    #: Which score the threshold is for (SCORES); BTD+ ones carry the benign reference they need:
+    #: the sorted benign statistic (pooled) and, per scanner with >= `min_count` samples, its own.
+    score: str = "btd"
+    reference: list[float] | None = None
+    scanner_references: dict[str, list[float]] | None = None
+    min_count: int | None = None
 
     def apply(self, scores) -> np.ndarray:
         """Boolean flags: True = fake (score strictly above the threshold)."""
         return np.asarray(scores, dtype=np.float64) > self.threshold
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
+        """JSON-ready dict (a `btd` calibration has exactly the fields it had before BTD+)."""
+        d = asdict(self)
+        for key in PLUS_FIELDS:
+            if d[key] is None or (key == "score" and d[key] == "btd"):
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "calibration") -> Calibration:
@@ -111,6 +126,15 @@ class Calibration:
                 f"{ident['step']}, sha256 {ident['sha256'][:12]}); {redo}",
             )
 
+    def check_score(self, score: str, source: str | Path) -> None:
+        """Refuse a calibration made for another score (`--score`): its threshold means nothing."""
+        if self.score != score:
+            raise BTDInputError(
+                source,
+                f"made for --score {self.score}, not --score {score}; re-run `btd calibrate "
+                f"--score {score}` (or scan with --score {self.score})",
+            )
+
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
         """Read a calibration JSON written by `save`."""
@@ -153,7 +177,37 @@ def _field_error(d: dict[str, Any], source: str) -> str | None:
         checks.append(
             (value is None or _is_number(value), f"{key} must be a number, got {value!r}")
         )
+    checks += _plus_checks(d)
     return next((msg for ok, msg in checks if not ok), None)
+
+
+def _is_reference(value: Any) -> bool:
+    """A non-empty sorted list of finite numbers."""
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(_is_number(v) and math.isfinite(v) for v in value)
+        and all(a <= b for a, b in zip(value, value[1:], strict=False))
+    )
+
+
+def _plus_checks(d: dict[str, Any]) -> list[tuple[bool, str]]:
+    """(ok, message) checks of the BTD+ fields; a `btd` file must not carry a reference."""
+    score, ref = d.get("score", "btd"), d.get("reference")
+    per, min_count = d.get("scanner_references"), d.get("min_count")
+    plus = score in SCORES[1:]
+    return [
+        (score in SCORES, f"score must be one of {SCORES}, got {score!r}"),
+        (ref is None if not plus else _is_reference(ref),
+         f"reference must be a non-empty sorted list of finite numbers for --score {score} "
+         f"(and absent for btd), got {type(ref).__name__}"),
+        (per is None or (plus and isinstance(per, dict)
+                         and all(isinstance(k, str) and _is_reference(v) for k, v in per.items())),
+         "scanner_references must map scanner names to sorted lists of finite numbers"),
+        (min_count is None or (isinstance(min_count, int) and not isinstance(min_count, bool)
+                               and min_count >= 1),
+         f"min_count must be a positive integer, got {min_count!r}"),
+    ]  # fmt: skip
 
 
 def _check_fields(d: dict[str, Any], source: str) -> None:
@@ -166,6 +220,17 @@ def _check_fields(d: dict[str, Any], source: str) -> None:
 def calibration_path(checkpoint: str | Path, task: str) -> Path:
     """Conventional location: `calibration_<task>.json` beside the checkpoint."""
     return Path(checkpoint).with_name(f"calibration_{task}.json")
+
+
+def score_calibration_path(checkpoint: str | Path, task: str, score: str = "btd") -> Path:
+    """Where `btd calibrate --score` writes: `calibration_path` for btd, else
+    `calibration_<task>.<score>.json`, so that a BTD+ calibration never replaces the paper's
+    threshold file that the pipeline (and `btd score`) read."""
+    if score == "btd":
+        return calibration_path(checkpoint, task)
+    if score not in SCORES:
+        raise BTDConfigError("score", f"unknown {score!r}; use one of {SCORES}")
+    return Path(checkpoint).with_name(f"calibration_{task}.{score}.json")
 
 
 def _check_scores(scores, need_positive: bool) -> np.ndarray:
@@ -306,3 +371,128 @@ def calibrate_task(
     )
     check_finite_scores(scores)
     return fit_threshold(scores, target_fpr, family=family)
+
+
+# ----------------------------------------------------------------------------- BTD+ (--score)
+
+
+def plus_statistic(
+    maps: np.ndarray, score: str, task: str, window: int, centres: np.ndarray | None = None
+) -> np.ndarray:
+    """The benign-referenced statistic of a BTD+ score from one step's residual maps (B, P, P).
+
+    two-sided: BTD's residual energy (the window at `centres` for inject, the whole patch for
+    remove, as the paper); self-ref: log(window / context energy) at `centres` (inject) or the
+    patch centre (remove), as `btd.pipeline.score._energy_and_ratio`.
+    """
+    from btd.detect.btd import check_finite_scores, window_scores
+    from btd.detect.plus import self_reference_ratio
+
+    if score == "two-sided":
+        out = window_scores(maps, window, centres) if task == "inject" else window_scores(maps)
+    elif score == "self-ref":
+        size = min(np.shape(maps)[1:])
+        if window >= size:
+            raise BTDConfigError(
+                "window", f"--score self-ref needs a window smaller than the {size} px patch "
+                f"(the rest of the patch is its reference), got {window}"
+            )  # fmt: skip
+        out = self_reference_ratio(maps, window, centres if task == "inject" else None)
+    else:
+        raise BTDConfigError("score", f"no BTD+ statistic for {score!r}; use one of {SCORES[1:]}")
+    check_finite_scores(out)
+    return out
+
+
+def plus_threshold(target_fpr: float) -> float:
+    """Threshold on -log10(two-sided tail p): flag p < target_fpr (a fresh benign sample's
+    (k + 1) / (n + 1) tail probability is below target_fpr with probability <= target_fpr)."""
+    return float(-np.log10(target_fpr))
+
+
+def fit_plus(
+    statistic,
+    scanners,
+    target_fpr: float,
+    score: str,
+    min_count: int | None = None,
+) -> Calibration:
+    """A BTD+ calibration: the sorted benign statistic (pooled, and per scanner where a scanner
+    has >= `min_count` samples, btd.detect.plus.MIN_COUNT by default) and the tail threshold."""
+    from btd.detect.plus import MIN_COUNT
+
+    if score not in SCORES[1:]:
+        raise BTDConfigError("score", f"must be one of {SCORES[1:]}, got {score!r}")
+    if not isinstance(target_fpr, int | float) or not 0 < target_fpr < 1:
+        raise BTDConfigError("target_fpr", f"must be in (0, 1), got {target_fpr!r}")
+    min_count = MIN_COUNT if min_count is None else int(min_count)
+    x = _check_scores(statistic, need_positive=False)
+    groups = np.asarray(scanners).astype(str).ravel() if scanners is not None else None
+    per, small = {}, []
+    if groups is not None:
+        if groups.shape != x.shape:
+            raise BTDInputError("scanners", "one scanner name per benign score")
+        for g in sorted(set(groups.tolist())):
+            own = x[groups == g]
+            if own.size >= min_count:
+                per[g] = sorted(float(v) for v in own)
+            else:
+                small.append(f"{g} ({own.size})")
+    note = f"{score}: flag when the two-sided tail probability under the benign reference is "
+    note += f"below {target_fpr:g}"
+    if x.size + 1 < 2 / target_fpr:
+        note += f"; n = {x.size} resolves tail probabilities only down to {2 / (x.size + 1):.3g}"
+    if small:
+        note += f"; pooled reference for scanners under {min_count} samples: {', '.join(small)}"
+    return Calibration(
+        "empirical",
+        {},
+        plus_threshold(target_fpr),
+        float(target_fpr),
+        int(x.size),
+        note=note,
+        score=score,
+        reference=sorted(float(v) for v in x),
+        scanner_references=per,
+        min_count=min_count,
+    )
+
+
+def plus_reference(cal: Calibration, scanner: str | None) -> tuple[np.ndarray, str | None]:
+    """The benign reference a scan reads its statistic against: the scanner's own when the
+    calibration has one for `scanner` (only scanners with >= min_count samples are stored),
+    else the pooled one; also the scanner used (None = pooled)."""
+    per = cal.scanner_references or {}
+    if scanner is not None and scanner in per and len(per[scanner]) >= (cal.min_count or 1):
+        return np.asarray(per[scanner], dtype=np.float64), scanner
+    return np.asarray(cal.reference, dtype=np.float64), None
+
+
+def calibrate_task_plus(
+    diffusion,
+    x: np.ndarray,
+    manifest,
+    task: str,
+    window: int,
+    target_fpr: float,
+    score: str,
+    batch_size: int = 64,
+    min_count: int | None = None,
+) -> Calibration:
+    """`calibrate_task` for a BTD+ score: the same benign patches (inject: TM at py/px; remove:
+    TB), their BTD+ statistic, and the manifest's `scanner` column (if any) for per-scanner
+    references."""
+    from btd.detect.btd import score as btd_score
+    from btd.scenarios import BENIGN_LABEL
+
+    if task not in BENIGN_LABEL:
+        raise BTDConfigError("task", f"must be one of {sorted(BENIGN_LABEL)}, got {task!r}")
+    benign = BENIGN_LABEL[task]
+    rows = (manifest["label"] == benign).to_numpy()
+    if not rows.any():
+        raise BTDInputError("manifest.csv", f"no {benign} patches to calibrate {task}")
+    centres = manifest.loc[rows, ["py", "px"]].to_numpy(float) if task == "inject" else None
+    _, maps = btd_score(diffusion, np.asarray(x[rows]), batch_size=min(batch_size, int(rows.sum())))
+    stat = plus_statistic(maps, score, task, window, centres)
+    scanners = manifest.loc[rows, "scanner"].to_numpy() if "scanner" in manifest else None
+    return fit_plus(stat, scanners, target_fpr, score, min_count=min_count)

@@ -37,6 +37,7 @@ from btd.scenarios import ATTACKS
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from btd.detect.calibrate import Calibration
     from btd.detect.fast import FastOptions
 
 TASKS = ATTACKS  # btd.scenarios: the one vocabulary
@@ -230,12 +231,13 @@ def load_input(
     where `pixel_mm` came from ('--pixel-mm' when None: then a volume without spacing is an error,
     while the checkpoint's spacing only warns).
     """
-    from btd.data.io import read_volume
+    from btd.data.io import check_scan_values, read_volume
 
     path = Path(path)
     raw, spacing, meta = read_volume(path)
     assumed = check_model_modality(raw, meta, modality, model_modality, path)
     mod = infer_modality(raw, meta, modality or assumed, path)
+    check_scan_values(path, raw, None if prenormalized else mod)
     notes = []
     header = str(meta.get("modality") or "").upper()
     if modality is not None and header and {"CT": "ct", "MR": "mri"}.get(header, mod) != mod:
@@ -449,8 +451,12 @@ def score_sites(
     batch_size: int = 64,
     max_figures: int = 20,
     fast: FastOptions | None = None,
+    transform: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> SiteScores:
     """BTD score of the patch at every site, streamed in chunks; keep the top flagged residuals.
+
+    `transform(scores, residual_maps, centres)` (a BTD+ `--score`) replaces each chunk's BTD scores
+    before they are thresholded; None keeps the paper's score.
 
     `window` None scores the whole patch (removal); an int scores that square at the site (injection).
     `fast` runs the U-Net through `btd.detect.fast.FastScorer` (channels-last, bf16, compile) with
@@ -482,6 +488,9 @@ def score_sites(
         kw = {"window": window, "centres": centres} if window is not None else {}
         s, maps = run(patches, **kw)
         check_finite_scores(s, sl.start)
+        if transform is not None:
+            s = np.asarray(transform(s, maps, centres), dtype=np.float64)
+            check_finite_scores(s, sl.start)
         scores[sl] = s
         for i in np.flatnonzero(s > threshold):
             kept.append(
@@ -501,6 +510,7 @@ def score_sites_distributed(
     batch_size: int = 64,
     max_figures: int = 20,
     fast: FastOptions | None = None,
+    transform: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> SiteScores:
     """`score_sites` with the sites split across the accelerate processes; every process gets the
     merged result (scores in site order, the top flagged residuals over all processes)."""
@@ -509,7 +519,15 @@ def score_sites_distributed(
     t0 = time.perf_counter()
     with accelerator.split_between_processes(np.arange(len(sites))) as mine:
         part = score_sites(
-            diffusion, volume, sites[mine], threshold, window, batch_size, max_figures, fast
+            diffusion,
+            volume,
+            sites[mine],
+            threshold,
+            window,
+            batch_size,
+            max_figures,
+            fast,
+            transform,
         )
         for f in part.figures:
             f.row = int(mine[f.row])
@@ -535,6 +553,12 @@ class Threshold:
     family: str | None = None
     target_fpr: float | None = None
     n: int | None = None
+    #: `--score` (btd.detect.calibrate.SCORES) and, for BTD+, the benign reference it is read
+    #: against: the calibration, and after the input is read the scanner whose reference is used.
+    score: str = "btd"
+    calibration: Calibration | None = None
+    reference_scanner: str | None = None
+    n_reference: int | None = None
 
 
 def check_threshold(threshold: Any) -> float:
@@ -546,30 +570,95 @@ def check_threshold(threshold: Any) -> float:
     return float(threshold)
 
 
-def resolve_threshold(checkpoint: str | Path, task: str, threshold: float | None) -> Threshold:
+def resolve_threshold(
+    checkpoint: str | Path, task: str, threshold: float | None, score: str = "btd"
+) -> Threshold:
     """`threshold` if given, else `calibration_<task>.json` beside the checkpoint.
 
     A calibration file must record this checkpoint's hash: a resumed or swapped model scores on
-    another scale, and its old threshold would silently flag far too many or too few sites.
+    another scale, and its old threshold would silently flag far too many or too few sites. It
+    must also be made for `score` (a file without a score is `btd`); a BTD+ score needs the
+    calibration's benign reference even with `threshold` (which then replaces its threshold).
     """
-    from btd.detect.calibrate import Calibration, calibration_path
+    from btd.detect.calibrate import SCORES, Calibration, score_calibration_path
 
     if task not in TASKS:
         raise BTDConfigError("task", f"unknown {task!r}; use one of {TASKS}")
-    if threshold is not None:
+    if score not in SCORES:
+        raise BTDConfigError("score", f"unknown {score!r}; use one of {SCORES}")
+    if threshold is not None and score == "btd":
         return Threshold(check_threshold(threshold), "set with --threshold")
-    path = calibration_path(checkpoint, task)
+    path = score_calibration_path(checkpoint, task, score)
     if not path.is_file():
+        flag = "" if score == "btd" else f" --score {score}"
         raise BTDInputError(
             path,
             f"calibration file not found; run `btd calibrate --checkpoint {checkpoint} "
-            f"--patches data/processed/<modality> --task {task}` first, or pass --threshold",
+            f"--patches data/processed/<modality> --task {task}{flag}` first"
+            + (", or pass --threshold" if score == "btd" else " (it holds the benign reference)"),
         )
     cal = Calibration.load(path)
     cal.check_checkpoint(checkpoint, path)
+    cal.check_score(score, path)
+    if score == "btd":
+        return Threshold(
+            cal.threshold, f"calibration_{task}.json", cal.family, cal.target_fpr, int(cal.n)
+        )
+    if threshold is not None:
+        return Threshold(
+            check_threshold(threshold), "set with --threshold", score=score, calibration=cal
+        )
     return Threshold(
-        cal.threshold, f"calibration_{task}.json", cal.family, cal.target_fpr, int(cal.n)
+        cal.threshold,
+        path.name,
+        cal.family,
+        cal.target_fpr,
+        int(cal.n),
+        score=score,
+        calibration=cal,
     )
+
+
+def scanner_key(meta: dict[str, Any]) -> str | None:
+    """'Manufacturer ManufacturerModelName' from a DICOM header, None unless both are known."""
+    maker, model = meta.get("manufacturer"), meta.get("scanner")
+    if not maker or not model or model == "unknown":
+        return None
+    return f"{str(maker).strip()} {str(model).strip()}"
+
+
+def plus_transform(
+    thr: Threshold, meta: dict[str, Any], task: str, window: int
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None:
+    """The `score_sites` transform of a BTD+ threshold (None for btd), reading each statistic
+    against the scanner's benign reference when the calibration has one for the input's
+    scanner (`scanner_key`), else the pooled one; records which on `thr`."""
+    from btd.detect.calibrate import plus_reference, plus_statistic
+    from btd.detect.plus import tail_score
+
+    if thr.score == "btd" or thr.calibration is None:
+        return None
+    ref, used = plus_reference(thr.calibration, scanner_key(meta))
+    thr.reference_scanner, thr.n_reference = used, int(ref.size)
+
+    def transform(scores: np.ndarray, maps: np.ndarray, centres: np.ndarray) -> np.ndarray:
+        if thr.score == "two-sided":  # BTD's own score is the residual energy it reads
+            return tail_score(scores, ref)
+        return tail_score(plus_statistic(maps, thr.score, task, window, centres), ref)
+
+    return transform
+
+
+def score_record(thr: Threshold) -> dict[str, Any]:
+    """summary.json's `score`: which score, and for BTD+ which benign reference was used."""
+    if thr.score == "btd":
+        return {"variant": "btd"}
+    return {
+        "variant": thr.score,
+        "reference": "scanner" if thr.reference_scanner is not None else "pooled",
+        "scanner": thr.reference_scanner,
+        "n_reference": thr.n_reference,
+    }
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -705,7 +794,14 @@ def summary_markdown(
         f"- flagged: {flagged} ({100.0 * flagged / max(len(table), 1):.1f} %)",
         f"- threshold: {threshold.value:.6g}, {threshold.source}",
     ]
-    if threshold.family is not None:
+    if threshold.score != "btd":
+        ref = threshold.reference_scanner
+        lines.append(
+            f"- score: BTD+ {threshold.score}, -log10 two-sided tail probability under the "
+            f"{'benign reference of scanner ' + repr(ref) if ref else 'pooled benign reference'}"
+            f" ({threshold.n_reference} validation samples)"
+        )
+    elif threshold.family is not None:
         lines.append(
             f"- calibration: {threshold.family} fit of {threshold.n} benign validation scores, "
             f"target false-positive rate {threshold.target_fpr:g}"
@@ -840,6 +936,7 @@ def summary_record(
         "resampling": dict(scan.resampling),
         "task": task,
         "threshold": {"value": thr.value, "source": thr.source},
+        "score": score_record(thr),
         "counts": {
             "patches_scored": int(len(table)),
             "flagged": int(table["flagged"].sum()),
@@ -911,6 +1008,7 @@ def run_scan(
     fast: FastOptions | None = None,
     accelerator: Accelerator | None = None,
     resample: bool = True,
+    score: str = "btd",
 ) -> ScanReport | None:
     """Scan one volume end to end and write scores.csv, flag_*.png, summary.md and summary.json.
 
@@ -921,7 +1019,8 @@ def run_scan(
     processes; the main process writes the outputs and returns the report, the others None.
     The volume is resampled in-plane from its header spacing to `pixel_mm`, by default the
     checkpoint's (`resample=False`: native pixels), and refused if it is of another modality
-    than the checkpoint's.
+    than the checkpoint's. `score` is btd (the paper's) or a BTD+ variant of
+    `btd.detect.calibrate.SCORES`, whose calibration must be made for it.
     """
     from btd.diffusion.checkpoint import (
         checkpoint_identity,
@@ -940,7 +1039,7 @@ def run_scan(
     diffusion, _ = load_detector(checkpoint, dev)
     ident = checkpoint_identity(checkpoint)
     model = read_checkpoint_metadata(checkpoint)
-    thr = resolve_threshold(checkpoint, task, threshold)
+    thr = resolve_threshold(checkpoint, task, threshold, score)
     size = int(diffusion.image_size[0])
     path = Path(path)
     target, source = target_pixel_mm(pixel_mm, model.get("pixel_mm"), resample)
@@ -963,6 +1062,7 @@ def run_scan(
         sites, n_skipped = tile_sites(scan.foreground, size, stride, min_foreground)
         mode = f"tiles every {stride} px (>= {min_foreground:.0%} tissue)"
     win = window if task == "inject" else None
+    transform = plus_transform(thr, scan.meta, task, window)
     if len(sites) and accelerator is not None and accelerator.num_processes > 1:
         result = score_sites_distributed(
             accelerator,
@@ -974,12 +1074,21 @@ def run_scan(
             batch_size,
             max_figures,
             fast,
+            transform,
         )
         if not accelerator.is_main_process:
             return None
     elif len(sites):
         result = score_sites(
-            diffusion, scan.volume, sites, thr.value, win, batch_size, max_figures, fast
+            diffusion,
+            scan.volume,
+            sites,
+            thr.value,
+            win,
+            batch_size,
+            max_figures,
+            fast,
+            transform,
         )
     else:
         result = SiteScores(np.empty(0), np.empty(0, bool), [], 0.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import pickle
 import re
 from functools import lru_cache
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from denoising_diffusion_pytorch import GaussianDiffusion
 
-from btd.atomic import atomic_path
+from btd.atomic import atomic_path, stale_temp_files
 from btd.diffusion.config import TrainConfig, build_from_config
 from btd.errors import BTDInputError
 
@@ -38,6 +39,8 @@ MODEL_FIELDS = (
     "objective",
 )
 REQUIRED_KEYS = ("format", "format_version", "config", "step", "model", "ema")
+
+log = logging.getLogger(__name__)
 
 
 def library_version() -> str:
@@ -56,6 +59,22 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return Path(path)
+
+
+def remove_stale_temp_checkpoints(path: str | Path) -> list[Path]:
+    """Delete what a killed `save_checkpoint(path)` left: its temporary files
+    (`.<name>.*.tmp<suffix>` beside `path`, btd.atomic.stale_temp_files), with a log line naming
+    them. Only for a resume: no save of `path` may be running. Returns the removed paths."""
+    stale = stale_temp_files(path)
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    if stale:
+        log.warning(
+            "removed %d stale temporary checkpoint file(s) left by an interrupted save: %s",
+            len(stale),
+            ", ".join(p.name for p in stale),
+        )
+    return stale
 
 
 def _short_reason(exc: BaseException) -> str:

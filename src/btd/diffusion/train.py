@@ -41,6 +41,7 @@ from btd.diffusion.checkpoint import (
     library_version,
     load_checkpoint,
     load_module_state,
+    remove_stale_temp_checkpoints,
     save_checkpoint,
 )
 from btd.diffusion.config import TrainConfig, build_from_config, resolve_device
@@ -293,7 +294,8 @@ def train(
 
     Writes `out_dir/checkpoint.pt` every `ckpt_every` steps and at the end, and
     `out_dir/loss_log.csv`. With `resume=True` an existing checkpoint there is continued (config
-    must match except `steps`, `val_every`, `ckpt_every`, `device`); `resume=False` starts afresh.
+    must match except `steps`, `val_every`, `ckpt_every`, `device`), and temporary checkpoint files
+    a killed save left there are removed first (a logged warning); `resume=False` starts afresh.
     `on_step(step)` is called after every step (progress hooks; tests use it to interrupt).
     `accelerator` (an `accelerate.Accelerator`) trains data-parallel on its device(s): the
     per-process batch is `batch_size`, the main process validates and writes the files.
@@ -316,6 +318,8 @@ def train(
         )
 
     state = _new_state(config, device)
+    if resume and is_main:  # a save killed mid-write left its temporary file behind
+        remove_stale_temp_checkpoints(ckpt_path)
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, expected=config.to_dict())
         _check_resumable(ckpt_path, ckpt["config"], config)

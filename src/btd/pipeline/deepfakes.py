@@ -6,13 +6,16 @@ patients (which the detector never trained on); every test image comes from `hol
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from btd.attacks import autoencoder_kl as akl
 from btd.attacks import inpaint_ddpm as diff
+from btd.attacks import latent_inpaint as ldm
 from btd.attacks.ctgan import CTGANAttacker, removal_cube_mm, tamper_ct
 from btd.attacks.cubes import local_mean_hu, training_cubes
 from btd.attacks.testsets import (
@@ -25,10 +28,16 @@ from btd.attacks.testsets import (
 from btd.data.patches import extract_patch
 from btd.data.preprocess import normalize_ct, to_stored_grid
 from btd.data.records import ScanVolume
-from btd.scenarios import attack_of, modality_of, scenario_name
-
-#: attack -> (label of the holdout sites tampered, label of the holdout reals in the test set)
-SITES = {"inject": ("TB", "TM"), "remove": ("TM", "TB")}
+from btd.errors import BTDConfigError
+from btd.scenarios import (
+    ATTACKS,
+    BENIGN_LABEL,
+    SCENARIOS,
+    SITE_LABEL,
+    attack_of,
+    modality_of,
+    scenario_name,
+)
 
 
 def pick_sites(manifest: pd.DataFrame, label: str, n: int, seed: int) -> pd.DataFrame:
@@ -138,6 +147,67 @@ def fit_diffusion_attacker(
     return model, history
 
 
+def fit_ldm(
+    patches: np.ndarray,
+    manifest: pd.DataFrame,
+    modality: str,
+    pixel_mm: float,
+    cfg: dict,
+    seed: int,
+) -> tuple[dict[str, ldm.LatentInpainter], dict[str, list[dict]]]:
+    """SD's in-painting path on the attacker's patches: autoencoder -> generic U-Net -> injector.
+
+    `cfg`: ae_data ('attacker' | 'natural'), ae_channels, ae_steps, unet_channels, unet_steps,
+    finetune_steps, batch_size, lr, ct_mask_px, mri_margin_mm. Returns ({'remove': generic,
+    'inject': DreamBooth injector}, histories with each part's wall-clock seconds).
+    """
+    ae_cfg = akl.AutoencoderConfig(channels=tuple(cfg["ae_channels"]))
+    ae = akl.build_autoencoder(ae_cfg, seed=seed)
+    if cfg["ae_data"] == "natural":
+        ae_images = akl.natural_crops(patches.shape[-1], 4096, seed=seed)
+    elif cfg["ae_data"] == "attacker":
+        ae_images = patches
+    else:
+        raise BTDConfigError(
+            "deepfakes.ldm_ae_data", f"must be 'attacker' or 'natural', got {cfg['ae_data']!r}"
+        )
+    hist = {"autoencoder": akl.fit_autoencoder(ae, ae_images, cfg["ae_steps"], seed=seed)}
+    generic = ldm.build_inpainter(ae, ae_cfg, ldm.LDMConfig(unet_channels=tuple(cfg["unet_channels"])),
+                                  patches.shape[-1], patches, seed=seed)  # fmt: skip
+    prior = ldm.generic_sampler(generic, patches, manifest["label"].tolist())
+    hist["generic"] = ldm.fit(generic, prior, cfg["unet_steps"], batch_size=cfg["batch_size"],
+                              lr=cfg["lr"], seed=seed)  # fmt: skip
+    tm = manifest["label"].to_numpy() == "TM"
+    masks = ldm.tumour_masks(manifest[tm], patches.shape[-1], modality, pixel_mm,
+                             cfg["ct_mask_px"], cfg["mri_margin_mm"])  # fmt: skip
+    injector, hist["injector"] = ldm.finetune_injector(
+        generic, patches[tm], masks, prior, cfg["finetune_steps"], batch_size=cfg["batch_size"],
+        lr=cfg["lr"] / 4, seed=seed,
+    )  # fmt: skip
+    return {"inject": injector, "remove": generic}, hist
+
+
+def ldm_fakes(
+    models: dict[str, ldm.LatentInpainter],
+    holdout: tuple[np.ndarray, pd.DataFrame],
+    sites: pd.DataFrame,
+    attack: str,
+    modality: str,
+    pixel_mm: float,
+    train_diameters_mm: np.ndarray,
+    cfg: dict,
+    seed: int,
+) -> tuple[tuple, tuple]:
+    """One LDM in-painting run -> (decoded fakes, pasted-back fakes), each (images, masks, meta)."""
+    patches = holdout[0][sites.index.to_numpy()]
+    decoded, pasted, masks, meta = ldm.make_ldm_fakes(
+        models[attack], patches, sites.reset_index(drop=True), attack, modality, pixel_mm,
+        train_diameters_mm, ct_mask_px=cfg["ct_mask_px"], mri_margin_mm=cfg["mri_margin_mm"],
+        guidance=cfg["ldm_guidance"][attack], sample_steps=cfg["ldm_sample_steps"], seed=seed,
+    )  # fmt: skip
+    return (decoded, masks, meta), (pasted, masks, meta)
+
+
 def scenario_testset(
     scenario: str,
     holdout: tuple[np.ndarray, pd.DataFrame],
@@ -148,7 +218,7 @@ def scenario_testset(
     """Holdout reals of the scenario's real label (up to n_real) + the fakes -> one test set."""
     patches, manifest = holdout
     attack = attack_of(scenario)
-    reals = pick_sites(manifest, SITES[attack][1], n_real, seed)
+    reals = pick_sites(manifest, BENIGN_LABEL[attack], n_real, seed)
     return build_testset(
         scenario, (patches[reals.index.to_numpy()], reals.reset_index(drop=True)), fakes
     )
@@ -188,31 +258,43 @@ def build_testsets(
     attackers: dict[str, diff.InpaintDDPM],
     cfg: dict,
     seed: int,
+    ldm_models: dict[str, dict[str, ldm.LatentInpainter]] | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
-    """The six test sets (CT-GAN CT, diffusion CT and MRI; inject and remove) from holdout patients.
+    """Every scenario's test set (`btd.scenarios.SCENARIOS`) from holdout patients.
 
     CT injections go into aerated lung only. Every fake is written in the scanner's stored type
-    (CT-GAN tampers the int16 volume itself; the diffusion fakes are re-quantised), so fakes and reals
-    share one value grid. `cfg`: n_per_class, ct_mask_px, mri_margin_mm, jumps, jump_length,
-    inject_cond_scale.
+    (CT-GAN tampers the int16 volume itself; the in-painted fakes are re-quantised), so fakes and
+    reals share one value grid. The LDM and DIFF attackers in-paint the same sites. `cfg`:
+    n_per_class, ct_mask_px, mri_margin_mm, jumps, jump_length, inject_cond_scale, ldm_guidance
+    ({attack: scale}), ldm_sample_steps. Without `ldm_models` the LDM sets are left out.
+    `seconds`, if given, accumulates each attacker's generation time (CTGAN, DIFF, LDM).
     """
+    seconds = {} if seconds is None else seconds
+
+    def clock(attacker: str, t0: float) -> None:
+        seconds[attacker] = seconds.get(attacker, 0.0) + time.perf_counter() - t0
+
     pixel_mm = {m: next(iter(scans[m].values())).spacing[1] for m in ("ct", "mri")}
     n = cfg["n_per_class"]
     ct_inject_pool = aerated_sites(holdout["ct"][1].query("label == 'TB'"), scans["ct"])
     testsets = {}
-    for attack in ("inject", "remove"):
-        site_label = SITES[attack][0]
+    for attack in ATTACKS:
+        site_label = SITE_LABEL[attack]
         ct_pool = ct_inject_pool if attack == "inject" else holdout["ct"][1]
         sites = pick_sites(ct_pool, site_label, n, seed)
+        t0 = time.perf_counter()
         fakes = ctgan_fakes(
             scans["ct"], sites, gans[attack], attack, holdout["ct"][0].shape[-1], seed
         )
+        clock("CTGAN", t0)
         name = scenario_name("CTGAN", "ct", attack)
         testsets[name] = scenario_testset(name, holdout["ct"], fakes, n, seed)
         for m in ("ct", "mri"):
             patches, man = holdout[m]
             sites = pick_sites(ct_pool if m == "ct" else man, site_label, n, seed)
             train_d = val[m][1].query("label == 'TM'")["diameter_mm"].to_numpy()
+            t0 = time.perf_counter()
             images, masks, meta = diff.make_diffusion_fakes(
                 attackers[m], patches[sites.index.to_numpy()], sites.reset_index(drop=True),
                 attack, m, pixel_mm[m], train_d, ct_mask_px=cfg["ct_mask_px"],
@@ -220,10 +302,22 @@ def build_testsets(
                 jump_length=cfg["jump_length"],
                 cond_scale=cfg["inject_cond_scale"] if attack == "inject" else 1.0,
             )  # fmt: skip
+            clock("DIFF", t0)
             images = requantise(images, sites.reset_index(drop=True), m, scans[m])
             name = scenario_name("DIFF", m, attack)
             testsets[name] = scenario_testset(name, holdout[m], (images, masks, meta), n, seed)
-    return testsets
+            if ldm_models is None:
+                continue
+            t0 = time.perf_counter()
+            sets = ldm_fakes(
+                ldm_models[m], holdout[m], sites, attack, m, pixel_mm[m], train_d, cfg, seed
+            )
+            clock("LDM", t0)
+            for paste, (images, masks, meta) in zip((False, True), sets, strict=True):
+                images = requantise(images, sites.reset_index(drop=True), m, scans[m])
+                name = scenario_name("LDM", m, attack, paste_back=paste)
+                testsets[name] = scenario_testset(name, holdout[m], (images, masks, meta), n, seed)
+    return {name: testsets[name] for name in SCENARIOS if name in testsets}
 
 
 def before_after_rows(

@@ -14,7 +14,7 @@ from btd.atomic import write_atomic
 from btd.detect.calibrate import Calibration, calibration_path
 from btd.evaluate.analysis import normalise_at_fpr, rates_at_threshold, roc_points
 from btd.evaluate.metrics import auc, bootstrap_table
-from btd.scenarios import CONTROL, attack_of, modality_of
+from btd.scenarios import CONTROL, PAPER_SCENARIOS, attack_of, modality_of
 from btd.viz import save
 
 
@@ -85,10 +85,14 @@ def roc_figure(scores: pd.DataFrame, path: str | Path) -> plt.Figure:
     return fig
 
 
-def size_analysis(scores: pd.DataFrame, fpr: float = 0.1, method: str = "BTD") -> pd.DataFrame:
-    """Fig. 7 data: each fake's score over the threshold at `fpr` of its scenario's reals, by tumour size."""
+def size_analysis(
+    scores: pd.DataFrame, fpr: float = 0.1, method: str = "BTD", scenarios=PAPER_SCENARIOS
+) -> pd.DataFrame:
+    """Fig. 7 data: each fake's score over the threshold at `fpr` of its scenario's reals, by tumour
+    size, on the paper's scenarios (`scenarios`)."""
     rows = []
-    for _, g in scores[scores["method"] == method].groupby("scenario"):
+    keep = (scores["method"] == method) & scores["scenario"].isin(scenarios)
+    for _, g in scores[keep].groupby("scenario", sort=False):
         real = g.loc[g["fake"] == 0, "score"].to_numpy()
         fakes = g[g["fake"] == 1]
         rows.append(

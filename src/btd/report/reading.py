@@ -149,3 +149,28 @@ def preprocess(manifests: dict[str, pd.DataFrame]) -> str:
             )
         )
     return " ".join(parts)
+
+
+def traces(ratios: pd.DataFrame, tolerance: float = 0.15) -> str:
+    """Which scenarios change the high-pass energy outside the mask (the autoencoder's round trip)."""
+    out_col, in_col = "highpass ratio outside mask", "highpass ratio inside mask"
+    off = ratios[(ratios[out_col] - 1).abs() > tolerance]
+    same = ratios.drop(off.index)
+    parts = [
+        "High-pass energy of fakes / reals outside the tamper mask: "
+        + ", ".join(f"{s} {r:.2f}" for s, r in ratios[out_col].items())
+        + "."
+    ]
+    if len(off):
+        parts.append(
+            f"{len(off)} scenario(s) change the pixels outside the mask by more than "
+            f"{tolerance:.0%} ({', '.join(off.index)}): a trace a detector can see anywhere in the patch."
+        )
+    if len(same):
+        parts.append(
+            f"Within {tolerance:.0%} of the reals outside the mask: {', '.join(same.index)}."
+        )
+    parts.append(
+        "Inside the mask: " + ", ".join(f"{s} {r:.2f}" for s, r in ratios[in_col].items()) + "."
+    )
+    return " ".join(parts)

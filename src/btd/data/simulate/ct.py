@@ -1,17 +1,10 @@
-"""Virtual CT: generated chest anatomy in HU, "scanned" by a physically modelled CT scanner.
+"""Virtual CT patients: a generated chest (`ct_phantom`) scanned slice by slice by the virtual
+CT scanner (`ct_scanner`).
 
-The scanner chain follows a real acquisition so that every structure that exists before scanning
-(anatomy and real nodules) carries the scanner's noise texture, blur and streaks, while an edit made
-after reconstruction does not: HU -> linear attenuation -> line integrals (parallel, or an
-equiangular fan rebinned to parallel) -> detector blur -> photon counts with Poisson + electronic
-noise -> -log -> filtered back-projection with the scanner's kernel -> HU.
-
-The projector is a pixel-driven "footprint" projector: every non-air pixel is linearly splatted
-onto a detector grid 8x finer than the bins, then the square-pixel footprint, the bin integration
-and the detector blur are applied as one exact transfer function per view in the Fourier domain.
-It is accurate (no moire from point splatting; water reconstructs to 0 +- 1 HU) and several times
-faster than skimage's rotate-and-sum `radon`. Back-projection gathers from 8x-upsampled filtered
-projections. Both run single-threaded in numpy (~0.3 s per 256^2 slice, ~1.2 s per 512^2).
+`scan_ct_patient` assembles the two: it builds the anatomy on <= 0.5 mm sub-slices, averages them
+over the scanner's slice thickness and reconstructs each slice in HU. The scanner chain and the
+projector are described in `ct_scanner`, the anatomy in `ct_phantom`; the scanner and phantom
+names that callers use are re-exported here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Virtual breast MRI: generated breast anatomy "scanned" by physically modelled MRI scanners.
+"""Virtual breast MRI: a generated breast (`mri_phantom`) "scanned" by physically modelled MRI
+scanners (`mri_scanner`); `scan_mri_patient` assembles the two.
 
 The anatomy is a set of tissue-parameter maps (PD, T1 and T2* at 1.5 T, post-contrast), so that a
 tumour exists *before* the acquisition and carries exactly the scanner's noise, blur and ringing;
