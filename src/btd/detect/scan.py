@@ -17,6 +17,7 @@ left waiting for the CPU to slice the next batch.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,8 @@ INPUT_KINDS = {
 FIGURE_PATTERN = "flag_*.png"
 #: Files a scan writes (besides the heat maps); an output folder may hold only these.
 SCAN_FILES = frozenset({"scores.csv", "summary.md", "summary.json"})
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- input
@@ -679,53 +682,85 @@ def site_table(scan: ScanInput, sites: np.ndarray, result: SiteScores) -> pd.Dat
     )
 
 
-def write_heatmap(
-    path: Path, item: Flagged, site: tuple[int, int, int], threshold: float, window: int | None
-) -> Path:
-    """Patch and its squared BTD residual side by side, the scored window outlined."""
-    import matplotlib
+class _HeatmapFigure:
+    """One matplotlib figure reused for every flagged site: patch | squared residual, window outlined.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+    Building a figure, its colour bar and its layout costs more than saving it; a scan writes up to
+    `max_figures` heat maps after the model has finished, so that cost sits on the scan's critical
+    path. The layout is computed once, for the first site; later sites only swap data and titles.
+    """
 
-    from btd.detect.btd import window_origin
+    def __init__(self, size: int, window: int | None):
+        import matplotlib
 
-    fig, (ax_img, ax_res) = plt.subplots(1, 2, figsize=(7.2, 3.4))
-    ax_img.imshow(item.patch, cmap="gray", vmin=0.0, vmax=1.0)
-    ax_img.set_title("patch (normalised)")
-    heat = ax_res.imshow(np.square(item.residual), cmap="inferno")
-    ax_res.set_title("BTD residual$^2$")
-    fig.colorbar(heat, ax=ax_res, fraction=0.046, pad=0.04)
-    if window is not None:
-        size = item.patch.shape[0]
-        y0 = window_origin(size, window, item.centre[0])
-        x0 = window_origin(size, window, item.centre[1])
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+
+        self.plt, self.window = plt, window
+        self.fig, (ax_img, ax_res) = plt.subplots(1, 2, figsize=(7.2, 3.4))
+        blank = np.zeros((size, size), np.float32)
+        self.img = ax_img.imshow(blank, cmap="gray", vmin=0.0, vmax=1.0)
+        ax_img.set_title("patch (normalised)")
+        self.res = ax_res.imshow(blank, cmap="inferno")
+        ax_res.set_title("BTD residual$^2$")
+        self.fig.colorbar(self.res, ax=ax_res, fraction=0.046, pad=0.04)
+        self.boxes = []
+        if window is not None:
+            for ax in (ax_img, ax_res):
+                box = Rectangle((0, 0), window, window, fill=False, ec="cyan", lw=1.2)
+                self.boxes.append(ax.add_patch(box))
         for ax in (ax_img, ax_res):
-            ax.add_patch(
-                Rectangle((x0 - 0.5, y0 - 0.5), window, window, fill=False, ec="cyan", lw=1.2)
-            )
-    for ax in (ax_img, ax_res):
-        ax.set_xticks([])
-        ax.set_yticks([])
-    z, y, x = site
-    fig.suptitle(f"slice {z}, y {y}, x {x}: score {item.score:.4g} > threshold {threshold:.4g}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return path
+            ax.set_xticks([])
+            ax.set_yticks([])
+        self.title = self.fig.suptitle(" ")
+        self.laid_out = False
+
+    def write(
+        self, path: Path, item: Flagged, site: tuple[int, int, int], threshold: float
+    ) -> Path:
+        from btd.detect.btd import window_origin
+
+        self.img.set_data(item.patch)
+        heat = np.square(item.residual)
+        self.res.set_data(heat)
+        self.res.set_clim(float(heat.min()), float(heat.max()))
+        if self.window is not None:
+            size = item.patch.shape[0]
+            y0 = window_origin(size, self.window, item.centre[0])
+            x0 = window_origin(size, self.window, item.centre[1])
+            for box in self.boxes:
+                box.set_xy((x0 - 0.5, y0 - 0.5))
+        z, y, x = site
+        self.title.set_text(
+            f"slice {z}, y {y}, x {x}: score {item.score:.4g} > threshold {threshold:.4g}"
+        )
+        if not self.laid_out:
+            self.fig.tight_layout()
+            self.laid_out = True
+        with atomic_path(path) as tmp:
+            self.fig.savefig(tmp, dpi=100, format="png", metadata={"Software": None})
+        return path
+
+    def close(self) -> None:
+        self.plt.close(self.fig)
 
 
 def write_heatmaps(
     out_dir: Path, table: pd.DataFrame, result: SiteScores, threshold: float, window: int | None
 ) -> list[Path]:
     """One PNG per kept flagged site, named by rank and coordinates only."""
+    if not result.figures:
+        return []
+    figure = _HeatmapFigure(result.figures[0].patch.shape[0], window)
     paths = []
-    for rank, item in enumerate(result.figures, start=1):
-        z, y, x = (int(v) for v in table.loc[item.row, ["slice", "y", "x"]])
-        path = out_dir / f"flag_{rank:03d}_slice{z}_y{y}_x{x}.png"
-        paths.append(write_heatmap(path, item, (z, y, x), threshold, window))
+    try:
+        for rank, item in enumerate(result.figures, start=1):
+            z, y, x = (int(v) for v in table.loc[item.row, ["slice", "y", "x"]])
+            path = out_dir / f"flag_{rank:03d}_slice{z}_y{y}_x{x}.png"
+            paths.append(figure.write(path, item, (z, y, x), threshold))
+    finally:
+        figure.close()
     return paths
 
 
@@ -968,23 +1003,19 @@ def target_pixel_mm(
 
 
 def warn_resampling(scan: ScanInput, model_mm: float | None) -> None:
-    """One stderr line when the model's pixel size cannot be (or is not) matched."""
-    import sys
-
+    """One logged warning (the CLI shows it as `btd scan: warning: ...`) when the model's pixel
+    size cannot be (or is not) matched."""
     if not scan.meta.get("spacing_known"):
-        print(
-            "btd scan: warning: the input volume stores no pixel spacing; scanned at its own "
-            "pixels"
-            + (f", assumed to be the model's {model_mm:g} mm" if model_mm is not None else ""),
-            file=sys.stderr,
+        log.warning(
+            "the input volume stores no pixel spacing; scanned at its own pixels"
+            + (f", assumed to be the model's {model_mm:g} mm" if model_mm is not None else "")
         )
     elif scan.resampling.get("source") == "--no-resample" and model_mm is not None:
         dy, dx = scan.spacing[1:]
         if (dy, dx) != (model_mm, model_mm):
-            print(
-                f"btd scan: warning: --no-resample: scanning {dy:g} x {dx:g} mm pixels with a "
-                f"model trained at {model_mm:g} mm",
-                file=sys.stderr,
+            log.warning(
+                f"--no-resample: scanning {dy:g} x {dx:g} mm pixels with a model trained at "
+                f"{model_mm:g} mm"
             )
 
 
