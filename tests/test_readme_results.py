@@ -131,3 +131,20 @@ def test_scan_speed_markdown_known_answer(tmp_path):
     (tmp_path / "benchmarks" / "results" / "scan_speed.json").write_text(json.dumps(r))
     block = render_benchmarks(tmp_path)
     assert block.startswith("#### Whole `btd scan`, end to end (`benchmarks/scan_speed.py`)\n\n")
+
+
+def test_summary_line_counts_paste_back_sets_with_their_attack():
+    from btd.report.readme import summary_line
+
+    rows = [
+        {"scenario": s, "method": m, "auc": a}
+        for s, base in (
+            ("LDM-CT-Inject", 0.2),
+            ("LDM-CT-Inject-Paste", 0.6),
+            ("LDM-CT-Remove", 0.4),
+        )
+        for m, a in (("BTD", base), ("Laplacian (control)", base), ("AE", base))
+    ]
+    line = summary_line(pd.DataFrame(rows))
+    assert "injection BTD 0.40 vs control 0.40 vs best baseline 0.40" in line  # (0.2 + 0.6) / 2
+    assert "removal BTD 0.40" in line

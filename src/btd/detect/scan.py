@@ -1094,33 +1094,13 @@ def run_scan(
         mode = f"tiles every {stride} px (>= {min_foreground:.0%} tissue)"
     win = window if task == "inject" else None
     transform = plus_transform(thr, scan.meta, task, window)
+    args = (diffusion, scan.volume, sites, thr.value, win, batch_size, max_figures, fast, transform)
     if len(sites) and accelerator is not None and accelerator.num_processes > 1:
-        result = score_sites_distributed(
-            accelerator,
-            diffusion,
-            scan.volume,
-            sites,
-            thr.value,
-            win,
-            batch_size,
-            max_figures,
-            fast,
-            transform,
-        )
+        result = score_sites_distributed(accelerator, *args)
         if not accelerator.is_main_process:
             return None
     elif len(sites):
-        result = score_sites(
-            diffusion,
-            scan.volume,
-            sites,
-            thr.value,
-            win,
-            batch_size,
-            max_figures,
-            fast,
-            transform,
-        )
+        result = score_sites(*args)
     else:
         result = SiteScores(np.empty(0), np.empty(0, bool), [], 0.0)
     check_finite_scores(result.scores)
