@@ -7,6 +7,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -37,7 +38,10 @@ def timed(
 
 def machine_info(device: torch.device) -> dict[str, object]:
     """Where the numbers came from."""
+    from btd.runinfo import cpu_model
+
     info: dict[str, object] = {
+        "cpu": cpu_model(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -77,3 +81,17 @@ def setup_model(args) -> tuple[object, torch.device, dict[str, object]]:
     model = {"image_size": size, "dim": dim, "dim_mults": list(mults),
              "checkpoint": str(args.checkpoint) if args.checkpoint else None}  # fmt: skip
     return diffusion, device, model
+
+
+def write_study(fig, report: dict, table, out_dir: Path, stem: str, dpi: int = 110) -> None:
+    """A study's figure (PNG) and report (JSON) under `out_dir`, and its table on stdout."""
+    import matplotlib.pyplot as plt
+
+    from btd.atomic import write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{stem}.png", dpi=dpi)
+    plt.close(fig)
+    write_json(out_dir / f"{stem}.json", report)
+    print(table.to_string(index=False))

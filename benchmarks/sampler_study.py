@@ -24,12 +24,11 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from _common import machine_info
+from _common import machine_info, write_study
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from btd import paths
-from btd.atomic import write_json
 from btd.attacks import inpaint_ddpm as diff
 from btd.data.dataset import load_patch_dataset
 from btd.detect import score
@@ -157,11 +156,7 @@ def write_report(report: dict, tag: str) -> None:
         ax.axhline(0.5, color="grey", lw=0.5)
     axes[0].set_ylabel("BTD AUC")
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(OUT / f"sampler_study{tag}.png", dpi=120)
-    plt.close(fig)
-    write_json(OUT / f"sampler_study{tag}.json", report)
-    print(table.to_string(index=False))
+    write_study(fig, report, table, OUT, f"sampler_study{tag}", dpi=120)
 
 
 if __name__ == "__main__":

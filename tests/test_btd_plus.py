@@ -55,3 +55,17 @@ def test_bad_inputs_are_clear() -> None:
         two_sided_tail([1.0], [])
     with pytest.raises(BTDInputError, match="group"):
         tail_score([1.0, 2.0], [1.0], ["a"], ["a", "b"])
+
+
+def test_residual_statistics_read_the_site_for_injection_and_the_centre_for_removal() -> None:
+    from btd.detect.btd import window_scores
+    from btd.detect.plus import residual_statistics
+
+    maps = np.ones((2, 8, 8))
+    maps[:, 0:2, 0:2] = 3.0  # a hot corner: the injection site of both samples
+    site = np.array([[1.0, 1.0], [1.0, 1.0]])
+    e_inj, r_inj = residual_statistics(maps, 2, "inject", site)
+    assert np.allclose(e_inj, 9.0) and np.allclose(r_inj, np.log(9.0))
+    e_rem, r_rem = residual_statistics(maps, 2, "remove", site)  # the site is not used
+    # removal: the whole patch, and the window at the patch centre against a context holding the corner
+    assert np.allclose(e_rem, window_scores(maps)) and np.allclose(r_rem, np.log(60 / 92))

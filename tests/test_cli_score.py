@@ -255,3 +255,29 @@ def test_bad_plus_fields_are_refused():
     btd = fit_threshold(np.arange(1.0, 13.0), 0.2).to_dict()
     with pytest.raises(BTDInputError, match="reference"):
         Calibration.from_dict({**btd, "reference": [1.0]})
+
+
+def test_score_command_reads_each_row_against_its_scanner(detector, ckpt, tmp_path, capsys):
+    """`btd score --score two-sided` on a prepared folder: rows of the scanner with its own
+    reference (25 >= 20) read against it, the others against the pooled one; by hand."""
+    folder = patch_folder(tmp_path, 25, 5)
+    bare = uncalibrated(ckpt, tmp_path)
+    assert calibrate(bare, folder, "two-sided", capsys)[0] == 0
+    cal = Calibration.load(score_calibration_path(bare, "remove", "two-sided"))
+    out = tmp_path / "s.csv"
+    argv = ["score", "--checkpoint", bare, "--patches", folder, "--split", "val", "--out", out,
+            "--task", "remove", "--score", "two-sided", "--device", "cpu"]  # fmt: skip
+    code, text, err = run(argv, capsys)
+    assert code == 0, err
+    assert f"{DICOM_SCANNER} own" in text and "other-8 pooled" in text
+    table = pd.read_csv(out)
+    x = np.load(folder / "patches.npy")[(pd.read_csv(folder / "manifest.csv")["split"] == "val")]
+    energy = np.square(score(detector, x)[1].astype(np.float64)).mean(axis=(1, 2))
+    own = (table["scanner"] == DICOM_SCANNER).to_numpy()
+    expected = np.where(own, hand_tail(energy, cal.scanner_references[DICOM_SCANNER]),
+                        hand_tail(energy, cal.reference))  # fmt: skip
+    np.testing.assert_allclose(table["score"], expected, rtol=1e-6)
+    assert (table["flagged"] == (expected > cal.threshold)).all()
+    # a BTD+ score without a task has no benign reference to read: one clear line
+    code, _, err = run([*argv[:-6], "--score", "self-ref", "--device", "cpu"], capsys)
+    assert_one_line_error(code, err, "--score", "--task")

@@ -327,3 +327,31 @@ def test_two_processes_train_like_one_with_the_global_batch(data, tmp_path):
     half = train(train_x, TrainConfig.from_dict(two["config"]), tmp_path / "half", progress=False)
     gap = max((two["model"][k] - v).abs().max().item() for k, v in half.model.state_dict().items())
     assert gap > 1e-4
+
+
+def test_min_snr_weighting_reaches_the_library_and_changes_only_the_loss(data, tmp_path):
+    from btd.diffusion.config import build_from_config
+
+    plain, snr = build_from_config(tiny_config()), build_from_config(tiny_config(min_snr_gamma=5.0))
+    assert _same_tensors(plain.model.state_dict(), snr.model.state_dict())  # same U-Net and start
+    # pred_noise: weight = min(SNR, gamma) / SNR, i.e. small t (huge SNR) is down-weighted
+    assert float(snr.loss_weight[0]) < 0.01 and float(plain.loss_weight[0]) == 1.0
+    assert float(snr.loss_weight[-1]) == pytest.approx(1.0)
+    with pytest.raises(BTDConfigError, match="min_snr_gamma"):
+        tiny_config(min_snr_gamma=-1.0).validate()
+    result = train(data[0], tiny_config(min_snr_gamma=5.0, steps=4), tmp_path, progress=False)
+    assert result.config.min_snr_gamma == 5.0
+
+
+def test_band_losses_are_fixed_problems_per_band(reference, data):
+    from btd.diffusion.model import T_BANDS, band_losses
+
+    model = reference.ema_model
+    a = band_losses(model, data[1], seed=1)
+    assert list(a) == list(T_BANDS) and all(np.isfinite(v) and v > 0 for v in a.values())
+    assert band_losses(model, data[1], seed=1) == a  # same patches, times and noise
+    assert band_losses(model, data[1], seed=2) != a
+    one = band_losses(model, data[1], {"t=0": (0, 1)}, seed=1)
+    assert one == {"t=0": a["t=0"]}
+    with pytest.raises(BTDConfigError, match="bands"):
+        band_losses(model, data[1], {"empty": (5, 5)})

@@ -187,3 +187,15 @@ def test_energy_ratios_see_a_change_outside_the_mask_only_when_there_is_one():
     assert r.loc["B-CT-Inject", "highpass ratio outside mask"] < 0.01
     spec = traces.spectra({"LDM-CT-Inject-Paste": (pasted, masks, meta)}, n_bins=4)
     assert set(spec["attacker"]) == {"LDM-Paste"} and set(spec["region"]) == set(traces.REGIONS)
+
+
+def test_nps_log_ratio_is_zero_for_the_same_noise_and_sees_smoothing():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(64, 24, 24))
+    f, same = traces.nps_log_ratio(noise, noise)
+    assert np.allclose(same, 0.0) and len(f) == len(same)
+    from scipy import ndimage
+
+    smooth = np.stack([ndimage.gaussian_filter(n, 1.5) for n in noise])
+    _, ratio = traces.nps_log_ratio(smooth, noise)
+    assert ratio[-1] < -1 and ratio[-1] < ratio[0]  # high frequencies lost, far more than low ones

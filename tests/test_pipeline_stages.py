@@ -153,10 +153,18 @@ def test_score_control_and_btd_plus_rows(detector, tmp_path) -> None:
     assert len(refs[("ct", "inject")]["energy"]) == 12
     rows = score.btd_plus_all({"DIFF-CT-Inject": (images, None, meta)}, {"ct": detector}, refs,
                               {"ct": 4})  # fmt: skip
-    assert set(rows["method"]) == {"BTD+ two-sided", "BTD+ scanner", "BTD+ self-ref"}
-    assert len(rows) == 18 and np.isfinite(rows["score"]).all() and (rows["score"] >= 0).all()
+    assert set(rows["method"]) == {"BTD+ two-sided", "BTD+ scanner", "BTD+ self-ref",
+                                   "Laplacian (control) two-sided"}  # fmt: skip
+    assert len(rows) == 24 and np.isfinite(rows["score"]).all() and (rows["score"] >= 0).all()
+    # the two-sided control is the pooled tail of the control's own scores, by hand
+    from btd.detect.plus import tail_score
+
+    ctl = score.control_scenario_scores(images, meta, "inject", 4)
+    expected = tail_score(ctl, refs[("ct", "inject")]["control"])
+    got = rows.loc[rows["method"] == "Laplacian (control) two-sided", "score"].to_numpy()
+    np.testing.assert_allclose(got, expected)
     m = score.score_metrics(pd.concat([rows, rows.assign(score=np.nan)]))
-    assert m["n_scores"] == 36 and m["n_finite"] == 18
+    assert m["n_scores"] == 48 and m["n_finite"] == 24
 
 
 # evaluate -----------------------------------------------------------------------------------
@@ -178,3 +186,102 @@ def test_ablation_metrics_and_explain_split() -> None:
     tr, te = explain.split_half(labels, seed=0)
     assert len(set(tr) & set(te)) == 0 and len(tr) + len(te) == 10
     assert labels[tr].sum() == 2 and labels[te].sum() == 2
+
+
+# deepfakes: the LDM guidance search on the attacker's own patients ---------------------------
+def _study(rows: list[tuple[str, str, float, float]]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"modality": m, "attack": a, "guidance": g, "success": s, "paste_success": s, "n": 10}
+         for m, a, g, s in rows]
+    )  # fmt: skip
+
+
+def test_choose_guidance_takes_the_smallest_scale_that_reaches_the_target() -> None:
+    study = _study([
+        ("ct", "inject", 1.0, 0.5), ("ct", "inject", 3.0, 0.85), ("ct", "inject", 5.0, 0.95),
+        ("ct", "remove", 1.0, 0.2), ("ct", "remove", 2.0, 0.6), ("ct", "remove", 5.0, 0.6),
+        ("mri", "inject", 1.0, 0.9), ("mri", "inject", 2.0, 0.9),
+        ("mri", "remove", 1.0, np.nan), ("mri", "remove", 2.0, np.nan),
+    ])  # fmt: skip
+    study.loc[study["success"].isna(), "n"] = 0
+    chosen = deepfakes.choose_guidance(study, 0.8)
+    # reaches 0.8 first at 3; never reaches it -> the best, tie to the smaller; already at 1;
+    # no validation site -> the smallest scale
+    assert chosen == {"ct": {"inject": 3.0, "remove": 2.0}, "mri": {"inject": 1.0, "remove": 1.0}}
+    from btd.report import reading
+
+    text = reading.guidance(study, chosen, 0.8)
+    assert "CT inject 3 (0.85 on 10 val sites, reaches 0.80)" in text
+    assert "CT remove 2 (0.60 on 10 val sites, misses 0.80)" in text
+    assert "MRI remove 1 (no validation site to try on)" in text
+
+
+def test_guidance_study_runs_on_validation_sites_and_keeps_the_chosen_fakes() -> None:
+    import torch
+
+    from btd.attacks import autoencoder_kl as akl
+    from btd.attacks import latent_inpaint as ldm
+    from btd.data.records import ScanVolume
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    patches = rng.random((8, 1, P, P)).astype(np.float32)
+    ae_cfg = akl.AutoencoderConfig(channels=(16, 16))
+    ae = akl.build_autoencoder(ae_cfg, seed=0)
+    model = ldm.build_inpainter(ae, ae_cfg, ldm.LDMConfig(unet_channels=(16, 32)), P, patches)
+    man = _meta(8, [0] * 8).assign(label=["TM", "TB"] * 4, split="val")
+    vol = rng.integers(0, 255, (4, 32, 32)).astype(np.uint8)
+    scans = {"mri": {f"p{i}": ScanVolume(f"p{i}", "mri", "a", vol, (2.0, 1.0, 1.0))
+                     for i in range(3)}}  # fmt: skip
+
+    class HalfMalign:  # P(malign) = mean intensity: success moves with what the fakes show
+        def predict_proba(self, x):
+            return np.asarray(x).reshape(len(x), -1).mean(axis=1)
+
+    cfg = dict(ldm_sites=3, ct_mask_px=None, mri_margin_mm=1.0, ldm_sample_steps=2)
+    study, fakes = deepfakes.ldm_guidance_study(
+        {"mri": {"inject": model, "remove": model}}, {"mri": (patches, man)}, scans,
+        {"mri": HalfMalign()}, [1.0, 3.0], cfg, seed=0,
+    )  # fmt: skip
+    assert len(study) == 4 and set(study["guidance"]) == {1.0, 3.0}
+    assert study["success"].between(0, 1).all() and (study["n"] == 3).all()
+    decoded, pasted = (s[0] for s in fakes[("mri", "inject", 3.0)])
+    assert decoded.shape == (3, 1, P, P) and not np.array_equal(decoded, pasted)
+    chosen = deepfakes.choose_guidance(study, 0.8)
+    sets = deepfakes.validation_sets(fakes, chosen, {"mri": (patches, man)}, 2, seed=0)
+    assert set(sets) == {"LDM-MRI-Inject", "LDM-MRI-Inject-Paste", "LDM-MRI-Remove",
+                         "LDM-MRI-Remove-Paste"}  # fmt: skip
+    images, masks, meta = sets["LDM-MRI-Inject"]
+    assert meta["fake"].sum() == 3 and (meta["fake"] == 0).sum() == 2
+    assert set(meta["patient"]) <= set(man["patient"])  # validation patients only
+
+
+# score: BTD+'s default chosen on validation fakes ---------------------------------------------
+def test_validation_auc_and_the_plus_variant_choice(tmp_path) -> None:
+    rows = []
+    for method, good in (("BTD", 0.6), ("BTD+ two-sided", 0.9), ("BTD+ scanner", 0.9),
+                         ("BTD+ self-ref", 0.2)):  # fmt: skip
+        for scenario in ("LDM-CT-Inject", "LDM-MRI-Remove", "LDM-CT-Inject-Paste"):
+            fake = np.array([0, 0, 1, 1])
+            s = np.array([0.0, 1.0, good * 2, good * 3]) if good > 0.5 else np.array([2, 3, 0, 1.0])
+            rows.append(pd.DataFrame({"method": method, "scenario": scenario, "fake": fake,
+                                      "score": s}))  # fmt: skip
+    val = score.validation_auc(pd.concat(rows, ignore_index=True))
+    assert len(val) == 12
+    assert val.set_index(["method", "scenario"]).loc[("BTD+ self-ref", "LDM-CT-Inject"), "auc"] == 0
+    assert score.choose_plus_variant(val) == "BTD+ two-sided"  # tie with scanner -> VARIANTS order
+    # only the paper's LDM sets count: the -Paste set cannot swing the choice
+    swing = val.copy()
+    swing.loc[(swing["method"] == "BTD+ self-ref") & swing["scenario"].str.endswith("Paste"),
+              "auc"] = 1.0  # fmt: skip
+    assert score.choose_plus_variant(swing) == "BTD+ two-sided"
+    from btd.errors import BTDInputError
+
+    with pytest.raises(BTDInputError, match="no validation fakes"):
+        score.load_validation_sets(tmp_path)
+    with pytest.raises(BTDInputError):
+        score.choose_plus_variant(val[val["method"] == "BTD"])
+    from btd.report import reading
+
+    text = reading.validation_choice(val, "BTD+ two-sided")
+    assert "BTD+'s default is **BTD+ two-sided**" in text and "2 LDM sets" in text

@@ -209,6 +209,9 @@ def test_prepare_dicom_series_takes_the_header_modality(tmp_path, capsys):
     code, _, err = run(argv, capsys)
     assert code == 0, err
     assert read_dataset_info(tmp_path / "ds")["modality"] == "ct"
+    # the scanner is the header's Manufacturer + model: the key `btd scan` reads BTD+ references by
+    _, manifest = load_patch_dataset(tmp_path / "ds")
+    assert set(manifest["scanner"]) == {"Virtual Imaging Co VirtuCT 64"}
     sites.write_text("slice,y,x\n3,24,24\n")
     code, _, err = run([*argv[:-4], "--out", tmp_path / "ds2"], capsys)
     assert code == 2 and "need exactly the columns" in err and "Doe_Jane" not in err

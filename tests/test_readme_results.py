@@ -54,6 +54,15 @@ def test_render_known_answer(tmp_path):
     assert "(Laplacian (control))" not in text and "(BTD+ scanner)" not in text
     assert "| LDM-MRI-Inject | 0.90 [0.50, 1.00] | 0.95 [0.50, 1.00] | 0.65 [0.50, 1.00] |" in text
     assert "BTD: above the control on 0 of 6" in text
+    assert "(default)" not in text  # no validation choice written yet
+
+
+def test_plus_table_marks_the_variant_chosen_on_validation(tmp_path):
+    fake_tables(tmp_path)
+    pd.DataFrame({"method": ["BTD", "BTD+ scanner"], "scenario": "LDM-CT-Inject",
+                  "auc": [0.6, 0.8], "default": [False, True]}).to_csv(
+        tmp_path / "results" / "validation_auc.csv", index=False)  # fmt: skip
+    assert "| scenario | BTD | BTD+ scanner (default) | Laplacian (control) |" in render(tmp_path)
 
 
 def test_update_rewrites_only_the_block(tmp_path):
@@ -148,3 +157,40 @@ def test_summary_line_counts_paste_back_sets_with_their_attack():
     line = summary_line(pd.DataFrame(rows))
     assert "injection BTD 0.40 vs control 0.40 vs best baseline 0.40" in line  # (0.2 + 0.6) / 2
     assert "removal BTD 0.40" in line
+
+
+def test_recipe_markdown_known_answer():
+    from btd.report.readme import recipe_markdown
+
+    r = {
+        "rows": [{"recipe": "uniform", "step": 250, "train_s": 120.0, "LDM-CT-Inject": 0.61,
+                  "loss t=0": 0.5, "loss t=100-999": 0.02}],
+        "control_auc": {"LDM-CT-Inject": 0.13},
+        "recipes": {"uniform": {"images_per_s": 19.5, "sample_nps_mean_abs_log10_ratio": 0.8}},
+        "machine": {"cpu": "AMD EPYC (avx2; 2 logical CPUs)", "device": "cpu", "cpu_count": 2,
+                    "torch_threads": 2, "torch": "2.14.1"},
+    }  # fmt: skip
+    text = recipe_markdown(r)
+    assert "| uniform | 250 | 2.0 | 0.610 | 0.5000 | 0.0200 |" in text
+    assert "| control (no learning) |  |  | 0.130 |  |  |" in text
+    assert (
+        "uniform: 19.5 images/s" in text and "AMD EPYC (avx2; 2 logical CPUs); cpu, 2 cores" in text
+    )
+
+
+def test_btd_plus_is_held_to_the_two_sided_control():
+    from btd.report.readme import control_line
+
+    row = {"scenario": "LDM-CT-Inject", "eer": 0.2, "eer_lo": 0.1, "eer_hi": 0.3}
+    t1 = pd.DataFrame([
+        {**row, "method": "BTD", "auc": 0.3, "auc_lo": 0.2, "auc_hi": 0.4},
+        {**row, "method": "BTD+ two-sided", "auc": 0.85, "auc_lo": 0.8, "auc_hi": 0.9},
+        {**row, "method": "Laplacian (control)", "auc": 0.1, "auc_lo": 0.05, "auc_hi": 0.15},
+        {**row, "method": "Laplacian (control) two-sided", "auc": 0.95, "auc_lo": 0.9, "auc_hi": 1.0},
+    ])  # fmt: skip
+    text = control_line(t1)
+    # BTD+ would clear the one-sided control easily; its matched floor is the two-sided one
+    assert (
+        "BTD+ two-sided: above the two-sided control on 0 of 1, below it on LDM-CT-Inject" in text
+    )
+    assert "BTD: above the control on 1 of 1 (LDM-CT-Inject)" in text

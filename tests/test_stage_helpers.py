@@ -95,6 +95,10 @@ def test_deepfake_reading_flags_weak_attacks() -> None:
     )
     text = reading.deepfakes({"S": 0.45, "T": 0.9}, realism)
     assert "Below 0.8: S" in text and "S 0.40× (reals 1.00×)" in text
+    assert "Mean intensity" not in text  # no intensities measured
+    realism["mean_in"] = [0.05, 0.11]
+    text = reading.deepfakes({"S": 0.45, "T": 0.9}, realism)
+    assert "fakes vs reals of the class they claim: S 0.110 vs 0.050." in text
 
 
 def test_size_figure_leaves_out_scenarios_without_diameters(tmp_path) -> None:
@@ -127,3 +131,45 @@ def test_report_figures_draw(tmp_path) -> None:
     fig = viz.shap_residuals(results, 2, tmp_path / "f5.png")
     assert fig.axes[0].get_title().startswith("sample 1")
     assert all((tmp_path / n).stat().st_size > 1000 for n in ("ba.png", "l.png", "f5.png"))
+
+
+def test_attack_nps_gives_each_attacker_one_colour_in_every_panel(tmp_path) -> None:
+    from btd import viz
+
+    rows = []
+    for mod, attackers in (("ct", ("CTGAN", "DIFF", "LDM")), ("mri", ("DIFF", "LDM"))):
+        for region in ("inside mask", "outside mask"):
+            for f in (0.1, 0.2):
+                rows.append({"modality": mod, "region": region, "group": "real", "attacker": "",
+                             "freq": f, "nps": 1.0})  # fmt: skip
+                for a in attackers:
+                    rows.append({"modality": mod, "region": region, "group": "fake",
+                                 "attacker": a, "freq": f, "nps": 2.0})  # fmt: skip
+    fig = viz.attack_nps(pd.DataFrame(rows), tmp_path / "nps.png")
+    colours: dict[str, set] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert all(len(c) == 1 for c in colours.values()), (
+        colours
+    )  # DIFF is DIFF's colour in CT and MRI
+
+
+def test_guidance_validation_and_score_figures_draw(tmp_path) -> None:
+    from btd import viz
+
+    study = pd.DataFrame({"modality": ["ct"] * 2 + ["mri"] * 2, "attack": "inject",
+                          "guidance": [1.0, 3.0] * 2, "success": [0.5, 0.9, 0.4, 0.7],
+                          "paste_success": [0.5, 0.8, 0.3, 0.6]})  # fmt: skip
+    fig = viz.guidance_study(study, {"ct": {"inject": 3.0}, "mri": {"inject": 3.0}}, 0.8,
+                             tmp_path / "g.png")  # fmt: skip
+    assert [a.get_title() for a in fig.axes] == ["CT · inject", "MRI · inject"]
+    val = pd.DataFrame({"method": ["BTD", "BTD+ scanner"], "scenario": "LDM-CT-Inject",
+                        "auc": [0.6, 0.8]})  # fmt: skip
+    fig = viz.validation_auc(val, "BTD+ scanner", tmp_path / "v.png")
+    assert "BTD+ scanner" in fig.axes[0].get_title()
+    scores = pd.DataFrame({"method": "BTD", "scenario": ["A"] * 4, "fake": [0, 0, 1, 1],
+                           "score": [1.0, 2.0, 3.0, 4.0]})  # fmt: skip
+    fig = viz.score_distributions(scores, ["BTD"], ["A"], tmp_path / "d.png")
+    assert fig.axes[0].get_yscale() == "log"
+    assert all((tmp_path / n).stat().st_size > 1000 for n in ("g.png", "v.png", "d.png"))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from btd.errors import BTDError, BTDInputError
+from btd.errors import BTDConfigError, BTDError, BTDInputError
 from btd.scenarios import ATTACKS
 
 DEFAULT_WINDOW = 16  # params.yaml detect.ct_window: the paper's 32 px at 0.7 mm, at 1.4 mm pixels
@@ -81,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "profile",
-        help="switch parameter profile (paper, tiny)",
+        help="switch parameter profile (paper, tiny, long)",
         description="Print `dvc exp run` -S arguments for a profile, or --apply it to params.yaml. "
         "Example: dvc exp run $(btd profile paper)",
     )
-    p.add_argument("name", help="profile name: paper | tiny")
+    p.add_argument("name", help="profile name: paper | tiny | long")
     p.add_argument("--apply", action="store_true", help="rewrite params.yaml with the profile")
     p.add_argument(
         "--params", default="params.yaml", help="params file to rewrite (default params.yaml)"
@@ -414,20 +414,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _score(args: argparse.Namespace) -> int:
     from btd.atomic import atomic_path
-    from btd.detect.patchfiles import load_patches, read_centres, score_table
+    from btd.detect.calibrate import plus_statistic
+    from btd.detect.patchfiles import load_patches, plus_scores, read_centres, score_table
     from btd.detect.scan import resolve_threshold
     from btd.diffusion.checkpoint import load_detector
     from btd.diffusion.train import resolve_device
 
     if Path(args.out).is_dir():
         raise BTDInputError(args.out, "output path is a folder; pass the CSV file to write")
+    plus = args.score != "btd"
+    if plus and args.task is None:
+        raise BTDConfigError(
+            "--score", f"{args.score} reads a task's benign reference: add --task inject|remove"
+        )
     diffusion, _ = load_detector(args.checkpoint, resolve_device(args.device))
     window = args.window
-    if window is None and args.task == "inject":
+    if window is None and (args.task == "inject" or args.score == "self-ref"):
         window = DEFAULT_WINDOW
     thr = None
     if args.task is not None or args.threshold is not None:
-        thr = resolve_threshold(args.checkpoint, args.task or "remove", args.threshold)
+        thr = resolve_threshold(args.checkpoint, args.task or "remove", args.threshold, args.score)
     x, table = load_patches(args.patches, args.split)
     centres = None
     if window is not None:
@@ -435,13 +441,27 @@ def _score(args: argparse.Namespace) -> int:
             centres = read_centres(args.centres, len(x))
         elif {"py", "px"} <= set(table.columns):
             centres = table[["py", "px"]].to_numpy(np.float64)
+    used: dict[str, str] = {}
+
+    def to_plus(scores: np.ndarray, maps: np.ndarray) -> np.ndarray:
+        stat = plus_statistic(maps, args.score, args.task, window or DEFAULT_WINDOW, centres)
+        scanners = table["scanner"].to_numpy() if "scanner" in table.columns else None
+        out, refs = plus_scores(thr.calibration, stat, scanners)
+        used.update(refs)
+        return out
+
+    btd_window = window if (args.task == "inject" or not plus) else None
     table, seconds = score_table(
-        diffusion, x, table, window, centres, None if thr is None else thr.value, args.batch_size
-    )
+        diffusion, x, table, btd_window, centres if btd_window else None,
+        None if thr is None else thr.value, args.batch_size, to_plus if plus else None,
+    )  # fmt: skip
     with atomic_path(args.out) as tmp:
         table.to_csv(tmp, index=False, float_format="%.8g")
-    where = "over the patch" if window is None else f"in a {window}x{window} window"
-    print(f"scored {len(table)} patches {where} in {seconds:.2f} s -> {args.out}")
+    where = "over the patch" if btd_window is None else f"in a {btd_window}x{btd_window} window"
+    what = "BTD" if not plus else f"BTD+ {args.score} (-log10 two-sided tail p)"
+    print(f"scored {len(table)} patches ({what}) {where} in {seconds:.2f} s -> {args.out}")
+    if used:
+        print("benign reference: " + ", ".join(f"{k} {v}" for k, v in sorted(used.items())))
     if thr is not None:
         print(f"flagged {int(table['flagged'].sum())} at threshold {thr.value:.6g} ({thr.source})")
     return 0
@@ -481,6 +501,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         "--threshold", type=_threshold, help="flag above this score instead of calibration"
     )
     p.add_argument("--batch-size", type=_positive_int, default=64, help="patches per model call")
+    _add_score_option(p)
     _add_device(p)
     p.set_defaults(func=_score)
 

@@ -38,6 +38,16 @@ SCENARIOS = PAPER_SCENARIOS + EXTRA_SCENARIOS
 PASTE = "Paste"
 BTD = "BTD"
 CONTROL = "Laplacian (control)"  # the no-learning reference every detector must beat
+#: The same control read two-sided against validation benign patches, as BTD+ reads its residual:
+#: the matched floor for a two-sided detector (a smoothing attack lowers the Laplacian too).
+CONTROL_TWO_SIDED = f"{CONTROL} two-sided"
+
+
+def is_control(method: str) -> bool:
+    """True for the no-learning controls (one- and two-sided)."""
+    return str(method).startswith(CONTROL)
+
+
 ATTACKS = ("inject", "remove")
 #: attack -> the real class a fake of that attack is tested against (the "benign" class for
 #: calibration): an injected tumour is compared with real tumours (TM), a removal with healthy (TB).

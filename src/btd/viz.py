@@ -183,6 +183,8 @@ def attack_nps(spectra: pd.DataFrame, path: str | Path) -> plt.Figure:
     """
     mods = list(dict.fromkeys(spectra["modality"]))
     regions = list(dict.fromkeys(spectra["region"]))
+    attackers = list(dict.fromkeys(spectra.loc[spectra["group"] == "fake", "attacker"]))
+    colour = dict(zip(attackers, sns.color_palette("tab10", len(attackers)), strict=True))
     fig, axes = plt.subplots(len(mods), len(regions), figsize=(5 * len(regions), 3.4 * len(mods)),
                              squeeze=False, sharex=True)  # fmt: skip
     for r, mod in enumerate(mods):
@@ -195,12 +197,75 @@ def attack_nps(spectra: pd.DataFrame, path: str | Path) -> plt.Figure:
             ax.plot(real.index, real.values, color="black", lw=2.2, label="real")
             for attacker, g in d[d["group"] == "fake"].groupby("attacker", sort=False):
                 curve = g.groupby("freq")["nps"].mean()
-                ax.plot(curve.index, curve.values, marker=".", label=f"{attacker} fakes")
+                ax.plot(curve.index, curve.values, marker=".", color=colour[attacker],
+                        label=f"{attacker} fakes")  # fmt: skip
             ax.set_yscale("log")
             ax.set_title(f"{mod.upper()} · {region}")
             ax.set_xlabel("spatial frequency (cycles / pixel)")
             ax.set_ylabel("NPS (intensity² · pixel)")
             ax.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, path)
+    return fig
+
+
+def guidance_study(
+    study: pd.DataFrame, chosen: dict, target: float, path: str | Path
+) -> plt.Figure:
+    """Attack success against the guidance scale on the attacker's own patients, one panel per
+    modality and attack; the target line and the chosen scale marked."""
+    keys = list(dict.fromkeys(zip(study["modality"], study["attack"], strict=True)))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 3.0), squeeze=False,
+                             sharey=True)  # fmt: skip
+    for ax, (mod, attack) in zip(axes[0], keys, strict=True):
+        d = study[(study["modality"] == mod) & (study["attack"] == attack)]
+        ax.plot(d["guidance"], d["success"], marker="o", label="decoded (LDM)")
+        ax.plot(d["guidance"], d["paste_success"], marker="s", ls="--", label="pasted back")
+        ax.axhline(target, color="grey", lw=1, ls=":", label=f"target {target:g}")
+        ax.axvline(chosen[mod][attack], color="red", lw=1, label="chosen")
+        ax.set_title(f"{mod.upper()} · {attack}")
+        ax.set_xlabel("guidance scale")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0, 0].set_ylabel("attack success (val sites)")
+    axes[0, -1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    save(fig, path)
+    return fig
+
+
+def validation_auc(val_auc: pd.DataFrame, chosen: str, path: str | Path) -> plt.Figure:
+    """AUC of BTD, the control and every BTD+ variant on the validation fakes (the choice's data),
+    the chosen variant's name in the title."""
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    sns.barplot(data=val_auc, x="scenario", y="auc", hue="method", ax=ax)
+    ax.axhline(0.5, color="grey", lw=1, ls=":")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("validation set (attacker's patients)")
+    ax.set_ylabel("AUC")
+    ax.set_title(f"Validation fakes: BTD+ default = {chosen}")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    fig.tight_layout()
+    save(fig, path)
+    return fig
+
+
+def score_distributions(
+    scores: pd.DataFrame, methods: list[str], scenarios: list[str], path: str | Path
+) -> plt.Figure:
+    """Real vs fake score per test set, one row per method (log scale where scores are positive)."""
+    fig, axes = plt.subplots(len(methods), 1, figsize=(1.3 * len(scenarios) + 2, 2.6 * len(methods)),
+                             squeeze=False, sharex=True)  # fmt: skip
+    for ax, method in zip(axes[:, 0], methods, strict=True):
+        d = scores[(scores["method"] == method) & scores["scenario"].isin(scenarios)]
+        d = d.assign(sample=np.where(d["fake"] == 1, "fake", "real"))
+        sns.boxplot(data=d, x="scenario", y="score", hue="sample", order=scenarios,
+                    hue_order=["real", "fake"], fliersize=2, ax=ax)  # fmt: skip
+        if (d["score"] > 0).all():
+            ax.set_yscale("log")
+        ax.set_ylabel(f"{method}\nscore")
+        ax.set_xlabel("")
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].tick_params(axis="x", rotation=30)
     fig.tight_layout()
     save(fig, path)
     return fig

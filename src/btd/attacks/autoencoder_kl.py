@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from btd.attacks.testsets import highpass_residual
 from btd.errors import BTDConfigError, BTDInputError
 
 log = logging.getLogger(__name__)
@@ -218,10 +219,8 @@ def decode(ae: nn.Module, latents: torch.Tensor, batch_size: int = 256) -> np.nd
 def reconstruction_error(ae: nn.Module, images: np.ndarray) -> dict[str, float]:
     """Mean |x - D(E(x))| and the ratio of high-pass energy after/before the round trip."""
     rec = decode(ae, latent_mean(ae, images))
-    hp = lambda a: a - F.avg_pool2d(torch.from_numpy(a), 3, 1, 1, count_include_pad=False).numpy()  # noqa: E731
+    energy = lambda a: float(np.square(highpass_residual(a)).mean())  # noqa: E731
     return {
         "mae": float(np.abs(rec - images).mean()),
-        "highpass_energy_ratio": float(
-            (hp(rec) ** 2).mean() / max((hp(images) ** 2).mean(), 1e-12)
-        ),
+        "highpass_energy_ratio": energy(rec) / max(energy(images), 1e-12),
     }

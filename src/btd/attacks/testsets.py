@@ -32,6 +32,8 @@ from btd.atomic import default_mode
 from btd.errors import BTDConfigError, BTDInputError
 from btd.scenarios import ATTACKS, BENIGN_LABEL, FAKE_LABEL, attack_of
 
+VALIDATION_DIR = "validation"  # sub-folder of the test-set folder: fakes on validation patients
+
 META_COLUMNS = [
     "sample_id", "scenario", "attack", "label", "fake", "patient", "scanner",
     "slice", "cy", "cx", "py", "px", "diameter_mm",
@@ -85,11 +87,14 @@ def build_testset(
     scenario: str,
     reals: tuple[np.ndarray, pd.DataFrame],
     fakes: tuple[np.ndarray, np.ndarray, pd.DataFrame],
+    split: str = "holdout",
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """Stack real (holdout) and fake samples of one scenario into (images, masks, meta).
 
     `reals` = (patches, manifest rows): TM rows for injection, TB rows for removal, holdout split.
-    `fakes` = (patches, tamper masks, metadata with `SITE_COLUMNS` [and `split`]).
+    `fakes` = (patches, tamper masks, metadata with `SITE_COLUMNS` [and `split`]). Every sample
+    must come from `split`: "holdout" for a test set, "val" for the validation fakes choices are
+    made on.
     """
     attack = attack_of(scenario)
     real_label, fake_label = LABELS[attack]
@@ -104,8 +109,8 @@ def build_testset(
             scenario, f"real samples of a {attack} scenario must all be {real_label}"
         )
     for name, rows in (("real", r_rows), ("fake", f_rows)):
-        if "split" in rows and (rows["split"] != "holdout").any():
-            raise BTDInputError(scenario, f"{name} samples must come from holdout patients only")
+        if "split" in rows and (rows["split"] != split).any():
+            raise BTDInputError(scenario, f"{name} samples must come from {split} patients only")
         missing = [c for c in SITE_COLUMNS if c not in rows]
         if missing:
             raise BTDInputError(scenario, f"{name} metadata lacks columns {missing}")

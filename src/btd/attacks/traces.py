@@ -54,6 +54,19 @@ def radial_nps(
     return 0.5 * (edges[1:] + edges[:-1]), total / max(count, 1)
 
 
+def nps_log_ratio(
+    images: np.ndarray, reference: np.ndarray, n_bins: int = 12
+) -> tuple[np.ndarray, np.ndarray]:
+    """log10 of the whole-patch radial NPS of `images` over that of `reference`, per frequency bin:
+    0 everywhere = the same noise texture (how far a DDPM's samples are from the scanner's)."""
+    imgs = np.asarray(images, dtype=np.float64).reshape(len(images), *np.shape(images)[-2:])
+    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), *np.shape(reference)[-2:])
+    f, a = radial_nps(imgs, np.ones(imgs.shape, bool), n_bins)
+    _, b = radial_nps(ref, np.ones(ref.shape, bool), n_bins)
+    tiny = np.finfo(np.float64).tiny
+    return f, np.log10(np.maximum(a, tiny) / np.maximum(b, tiny))
+
+
 def highpass_energy(images: np.ndarray, regions: np.ndarray, sigma: float = 1.0) -> float:
     """Mean squared high-pass residual over the regions of all images."""
     resid = highpass_residual(images, sigma).reshape(regions.shape)

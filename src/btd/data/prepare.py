@@ -81,6 +81,15 @@ def input_modality(meta: dict[str, Any], modality: str | None, name: str) -> str
     return header
 
 
+def input_scanner(meta: dict[str, Any]) -> str:
+    """The scanner name a prepared patch carries: DICOM Manufacturer + ManufacturerModelName, the
+    key `btd scan` looks a per-scanner BTD+ reference up by (so a calibration made from a prepared
+    dataset has per-scanner references a scan can find); "input" when the file does not say."""
+    from btd.detect.scan import scanner_key
+
+    return scanner_key(meta) or "input"
+
+
 def zoom_inplane(volume: np.ndarray, factors: tuple[float, float], order: int) -> np.ndarray:
     """Zoom every slice by (fy, fx): order 1 for intensities, 0 for labels (same output grid)."""
     from scipy import ndimage
@@ -176,7 +185,7 @@ def prepare_volume(
     scan = ScanVolume(
         patient=f"patient-{i:03d}",
         modality=mod,
-        scanner="input",
+        scanner=input_scanner(meta),
         volume=volume,
         spacing=new_spacing,
         tumours=lesion_tumours(mask, new_spacing),

@@ -383,23 +383,20 @@ def plus_statistic(
 
     two-sided: BTD's residual energy (the window at `centres` for inject, the whole patch for
     remove, as the paper); self-ref: log(window / context energy) at `centres` (inject) or the
-    patch centre (remove), as `btd.pipeline.score._energy_and_ratio`.
+    patch centre (remove); both from `btd.detect.plus.residual_statistics`, as the pipeline.
     """
-    from btd.detect.btd import check_finite_scores, window_scores
-    from btd.detect.plus import self_reference_ratio
+    from btd.detect.btd import check_finite_scores
+    from btd.detect.plus import residual_statistics
 
-    if score == "two-sided":
-        out = window_scores(maps, window, centres) if task == "inject" else window_scores(maps)
-    elif score == "self-ref":
-        size = min(np.shape(maps)[1:])
-        if window >= size:
-            raise BTDConfigError(
-                "window", f"--score self-ref needs a window smaller than the {size} px patch "
-                f"(the rest of the patch is its reference), got {window}"
-            )  # fmt: skip
-        out = self_reference_ratio(maps, window, centres if task == "inject" else None)
-    else:
+    if score not in SCORES[1:]:
         raise BTDConfigError("score", f"no BTD+ statistic for {score!r}; use one of {SCORES[1:]}")
+    if score == "self-ref" and window >= min(np.shape(maps)[1:]):
+        raise BTDConfigError(
+            "window", f"--score self-ref needs a window smaller than the {min(np.shape(maps)[1:])} px "
+            f"patch (the rest of the patch is its reference), got {window}"
+        )  # fmt: skip
+    energy, ratio = residual_statistics(maps, window, task, centres)
+    out = energy if score == "two-sided" else ratio
     check_finite_scores(out)
     return out
 

@@ -66,6 +66,25 @@ def read_centres(path: str | Path, n: int) -> np.ndarray:
     return values.reshape(-1, 2)
 
 
+def plus_scores(
+    calibration: Any, statistic: np.ndarray, scanners: np.ndarray | None
+) -> tuple[np.ndarray, dict[str, str]]:
+    """A BTD+ statistic read against the calibration's benign reference: each row against its
+    scanner's own when the calibration has one for it (a prepared folder's `scanner` column),
+    else the pooled one. Also {scanner: reference used} for the summary line."""
+    from btd.detect.calibrate import plus_reference
+    from btd.detect.plus import tail_score
+
+    groups = np.full(len(statistic), None, object) if scanners is None else np.asarray(scanners)
+    out, used = np.empty(len(statistic), dtype=np.float64), {}
+    for g in pd.unique(groups):
+        sel = groups == g
+        ref, key = plus_reference(calibration, None if g is None else str(g))
+        out[sel] = tail_score(statistic[sel], ref)
+        used[str(g)] = "own" if key is not None else "pooled"
+    return out, used
+
+
 def score_table(
     diffusion,
     x: np.ndarray,
@@ -74,16 +93,21 @@ def score_table(
     centres: np.ndarray | None,
     threshold: float | None,
     batch_size: int,
+    transform: Any = None,
 ) -> tuple[pd.DataFrame, float]:
     """`table` with BTD's score of every patch (and `flagged` at `threshold`), and the seconds it took.
 
-    Non-finite scores are an error (a NaN never exceeds a threshold: it would read as authentic).
+    `transform(scores, maps) -> scores` turns BTD's scores into another score (a BTD+ one) before
+    flagging. Non-finite scores are an error (a NaN never exceeds a threshold: it would read as
+    authentic).
     """
     from btd.detect.btd import check_finite_scores, score
 
     t0 = time.perf_counter()
     batch = min(batch_size, max(len(x), 1))
-    scores, _ = score(diffusion, x, window=window, centres=centres, batch_size=batch)
+    scores, maps = score(diffusion, x, window=window, centres=centres, batch_size=batch)
+    if transform is not None:
+        scores = transform(scores, maps)
     check_finite_scores(scores)
     seconds = time.perf_counter() - t0
     table = table.copy()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from btd.detect.btd import check_window, window_origin
+from btd.detect.btd import check_window, window_origin, window_scores
 from btd.errors import BTDInputError
 
 MIN_COUNT = 20  # benign samples a scanner needs for its own distribution (else: pooled)
@@ -89,3 +89,20 @@ def self_reference_ratio(
         win, ctx = r2[i][inside].mean(), r2[i][~inside].mean() if (~inside).any() else np.nan
         out[i] = np.log(max(win, tiny) / max(ctx, tiny))
     return out
+
+
+def residual_statistics(
+    residual_maps: np.ndarray, window: int, attack: str, centres: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two statistics BTD+ reads from one backward step's residual maps (B, P, P).
+
+    energy: BTD's own score region (the window at `centres` for injection, the whole patch for
+    removal, as the paper); ratio: `self_reference_ratio` at `centres` for injection, at the patch
+    centre for removal (where no site is known, as in `btd scan`). The pipeline and the CLI both
+    call this, so a calibration fitted by one reads the other's scores.
+    """
+    at = centres if attack == "inject" else None
+    energy = (
+        window_scores(residual_maps, window, at) if at is not None else window_scores(residual_maps)
+    )
+    return energy, self_reference_ratio(residual_maps, window, at)

@@ -27,13 +27,16 @@ class TrainConfig:
     dim: int = 16
     dim_mults: tuple[int, ...] = (1, 2, 4)
     batch_size: int = 16
-    steps: int = 500
+    steps: int = 1000
     lr: float = 3e-4
     ema_decay: float = 0.995
     ema_update_every: int = 10
     ema_update_after_step: int = 100
     timestep_sampler: str = "uniform"
     timestep_kwargs: dict[str, float] = field(default_factory=dict)
+    #: Min-SNR loss weighting (Hang et al. 2023, the library's `min_snr_loss_weight`) with this
+    #: gamma; 0 = off (the paper's plain loss). For pred_noise it DOWN-weights small t.
+    min_snr_gamma: float = 0.0
     val_every: int = 50
     ckpt_every: int = 500
     seed: int = 0
@@ -84,6 +87,10 @@ class TrainConfig:
         if self.channels != 1:
             raise BTDConfigError("channels", "BTD patches are single-channel; channels must be 1")
         resolve_device(self.device)
+        if not (isinstance(self.min_snr_gamma, int | float) and self.min_snr_gamma >= 0):
+            raise BTDConfigError(
+                "min_snr_gamma", f"must be >= 0 (0 = off), got {self.min_snr_gamma!r}"
+            )
         self.sampler()  # unknown sampler / bad kwargs -> BTDConfigError
         return self
 
@@ -139,4 +146,5 @@ def build_from_config(config: TrainConfig) -> GaussianDiffusion:
         seed=config.seed,
         attn_heads=config.attn_heads,
         attn_dim_head=config.attn_dim_head,
+        min_snr_gamma=config.min_snr_gamma,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from denoising_diffusion_pytorch import GaussianDiffusion, Unet
 
@@ -49,13 +50,15 @@ def build_diffusion(
     seed: int | None = None,
     attn_heads: int = 4,
     attn_dim_head: int = 32,
+    min_snr_gamma: float = 0.0,
 ) -> GaussianDiffusion:
     """Build the DDPM the BTD detector is trained as (library defaults, auto_normalize=True).
 
     `seed` makes the initial weights reproducible; the global torch RNG is left untouched.
     `attn_heads` x `attn_dim_head` (library default 4 x 32, as in the paper) fixes the attention
     width independently of `dim`; at small `dim` on CPU attention is about half the cost of a
-    training step, so CPU profiles may shrink it.
+    training step, so CPU profiles may shrink it. `min_snr_gamma` > 0 turns on the library's
+    min-SNR loss weighting with that gamma (a training recipe; the model is the same).
     """
     check_model_size(image_size, dim, dim_mults)
     if beta_schedule not in BETA_SCHEDULES:
@@ -89,6 +92,8 @@ def build_diffusion(
             beta_schedule=beta_schedule,
             objective=objective,
             auto_normalize=True,
+            min_snr_loss_weight=min_snr_gamma > 0,
+            min_snr_gamma=min_snr_gamma if min_snr_gamma > 0 else 5,
         )
 
 
@@ -135,3 +140,44 @@ def as_patch_tensor(x, image_size: int | None, source: str) -> torch.Tensor:
     if lo < -1e-4 or hi > 1 + 1e-4:
         raise BTDInputError(source, f"patch values must lie in [0, 1], found [{lo:.4g}, {hi:.4g}]")
     return t.clamp(0.0, 1.0)
+
+
+#: Timestep bands of the validation loss that tell a model of the scanner (t = 0, BTD's only
+#: query) from one of image content (large t): [lo, hi) in the library's 0-based indices.
+T_BANDS = {"t=0": (0, 1), "t=1-9": (1, 10), "t=10-99": (10, 100), "t=100-999": (100, 1000)}
+
+
+@torch.no_grad()
+def band_losses(
+    diffusion: GaussianDiffusion,
+    x01: np.ndarray | torch.Tensor,
+    bands: dict[str, tuple[int, int]] | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Plain (unweighted) noise-prediction MSE of fixed patches per timestep band.
+
+    Times are spread evenly over each band and the noise is drawn from `seed`, so two models (or
+    two checkpoints) are compared on exactly the same problems. Returns {band: mean MSE}.
+    """
+    bands = T_BANDS if bands is None else bands
+    if diffusion.objective != "pred_noise":
+        raise BTDConfigError("objective", "band_losses compares noise predictions (pred_noise)")
+    x = as_patch_tensor(x01, diffusion.image_size[0], "band_losses patches")
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x.shape, generator=gen)
+    device = next(diffusion.parameters()).device
+    out = {}
+    for name, (lo, hi) in bands.items():
+        hi = min(hi, diffusion.num_timesteps)
+        if not 0 <= lo < hi:
+            raise BTDConfigError("bands", f"{name}: empty timestep band [{lo}, {hi})")
+        times = torch.linspace(lo, hi - 1, len(x)).round().long()
+        total = 0.0
+        for i in range(0, len(x), batch_size):
+            xb, nb, tb = (a[i : i + batch_size].to(device) for a in (x, noise, times))
+            xt = diffusion.q_sample(diffusion.normalize(xb), tb, nb)
+            pred = diffusion.model(xt, tb)
+            total += float(torch.square(pred - nb).sum())
+        out[name] = total / x.numel()
+    return out

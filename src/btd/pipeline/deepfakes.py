@@ -203,9 +203,109 @@ def ldm_fakes(
     decoded, pasted, masks, meta = ldm.make_ldm_fakes(
         models[attack], patches, sites.reset_index(drop=True), attack, modality, pixel_mm,
         train_diameters_mm, ct_mask_px=cfg["ct_mask_px"], mri_margin_mm=cfg["mri_margin_mm"],
-        guidance=cfg["ldm_guidance"][attack], sample_steps=cfg["ldm_sample_steps"], seed=seed,
+        guidance=cfg["ldm_guidance"][modality][attack], sample_steps=cfg["ldm_sample_steps"],
+        seed=seed,
     )  # fmt: skip
     return (decoded, masks, meta), (pasted, masks, meta)
+
+
+def attacker_sites(
+    split: tuple[np.ndarray, pd.DataFrame],
+    scans: dict[str, ScanVolume],
+    modality: str,
+    attack: str,
+    n: int,
+    seed: int,
+) -> pd.DataFrame:
+    """Up to `n` sites an attack tampers in one split: aerated-lung TB sites for CT injection (a
+    nodule is planted in lung, as CT-GAN does), TB sites for MRI injection, TM sites for removal."""
+    man = split[1]
+    if modality == "ct" and attack == "inject":
+        man = aerated_sites(man.query("label == 'TB'"), scans)
+    return pick_sites(man, SITE_LABEL[attack], n, seed)
+
+
+def ldm_guidance_study(
+    models: dict[str, dict[str, ldm.LatentInpainter]],
+    val: dict[str, tuple[np.ndarray, pd.DataFrame]],
+    scans: dict[str, dict[str, ScanVolume]],
+    classifiers: dict,
+    grid: list[float],
+    cfg: dict,
+    seed: int,
+) -> tuple[pd.DataFrame, dict[tuple[str, str, float], tuple[tuple, tuple]]]:
+    """Attack success of each classifier-free guidance scale on the attacker's OWN patients (val).
+
+    An SD user turns the guidance scale until the result shows what was asked for; our attacker does
+    the same with the tumour classifier (trained on train patients), on validation sites only, so the
+    holdout patients the test sets come from play no part in the choice. `cfg`: ldm_sites (sites per
+    modality and attack), ct_mask_px, mri_margin_mm, ldm_sample_steps. Returns (one row per
+    modality, attack and scale: success of the decoded and of the pasted-back fakes, n) and the
+    fakes themselves ({(modality, attack, scale): (decoded, pasted)}, re-quantised as written).
+    """
+    rows, fakes = [], {}
+    for m in models:
+        pixel_mm = next(iter(scans[m].values())).spacing[1]
+        train_d = val[m][1].query("label == 'TM'")["diameter_mm"].to_numpy()
+        for attack in ATTACKS:
+            sites = attacker_sites(val[m], scans[m], m, attack, cfg["ldm_sites"], seed)
+            table = sites.reset_index(drop=True)
+            if sites.empty:  # nothing to try on: recorded, and the smallest scale is used
+                rows += [{"modality": m, "attack": attack, "guidance": float(g), "n": 0,
+                          "success": np.nan, "paste_success": np.nan} for g in grid]  # fmt: skip
+                continue
+            for g in tqdm(grid, desc=f"LDM guidance {m} {attack}", leave=False):
+                run_cfg = dict(cfg, ldm_guidance={m: {attack: float(g)}})
+                sets = ldm_fakes(models[m], val[m], sites, attack, m, pixel_mm, train_d,
+                                 run_cfg, seed)  # fmt: skip
+                sets = tuple(
+                    (requantise(images, table, m, scans[m]), masks, meta)
+                    for images, masks, meta in sets
+                )
+                fakes[(m, attack, float(g))] = sets
+                decoded, pasted = (s[0] for s in sets)
+                rows.append({
+                    "modality": m, "attack": attack, "guidance": float(g), "n": len(sites),
+                    "success": attack_success(classifiers[m], decoded, attack),
+                    "paste_success": attack_success(classifiers[m], pasted, attack),
+                })  # fmt: skip
+    return pd.DataFrame(rows), fakes
+
+
+def choose_guidance(study: pd.DataFrame, target: float) -> dict[str, dict[str, float]]:
+    """Per modality and attack: the smallest scale whose validation success (decoded fakes, as SD
+    returns them) reaches `target`, else the most successful one (the smallest scale where there
+    was no validation site). Stronger guidance costs realism
+    (it over-saturates), so an attacker stops at "enough"; ties go to the smaller scale."""
+    chosen: dict[str, dict[str, float]] = {}
+    for (m, attack), g in study.groupby(["modality", "attack"]):
+        g = g.sort_values("guidance")
+        ok = g[g["success"] >= target]
+        if g["success"].isna().all():  # no validation site to try on
+            best = g.iloc[0]
+        else:
+            best = ok.iloc[0] if len(ok) else g.loc[g["success"].idxmax()]
+        chosen.setdefault(m, {})[attack] = float(best["guidance"])
+    return chosen
+
+
+def validation_sets(
+    fakes: dict[tuple[str, str, float], tuple[tuple, tuple]],
+    chosen: dict[str, dict[str, float]],
+    val: dict[str, tuple[np.ndarray, pd.DataFrame]],
+    n_real: int,
+    seed: int,
+) -> dict[str, tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
+    """The LDM scenarios on validation patients, at the chosen scales: the fakes a detector's
+    choices (BTD+'s default variant) are made on, never the test sets."""
+    out = {}
+    for (m, attack, g), sets in fakes.items():
+        if chosen[m][attack] != g:
+            continue
+        for paste, set_ in zip((False, True), sets, strict=True):
+            name = scenario_name("LDM", m, attack, paste_back=paste)
+            out[name] = scenario_testset(name, val[m], set_, n_real, seed, split="val")
+    return {name: out[name] for name in SCENARIOS if name in out}
 
 
 def scenario_testset(
@@ -214,13 +314,15 @@ def scenario_testset(
     fakes: tuple[np.ndarray, np.ndarray, pd.DataFrame],
     n_real: int,
     seed: int,
+    split: str = "holdout",
 ):
-    """Holdout reals of the scenario's real label (up to n_real) + the fakes -> one test set."""
+    """Reals of the scenario's real label (up to n_real) from `split`'s patients + the fakes ->
+    one test set (or, with split "val", one validation set)."""
     patches, manifest = holdout
     attack = attack_of(scenario)
     reals = pick_sites(manifest, BENIGN_LABEL[attack], n_real, seed)
     return build_testset(
-        scenario, (patches[reals.index.to_numpy()], reals.reset_index(drop=True)), fakes
+        scenario, (patches[reals.index.to_numpy()], reals.reset_index(drop=True)), fakes, split
     )
 
 
@@ -267,7 +369,8 @@ def build_testsets(
     (CT-GAN tampers the int16 volume itself; the in-painted fakes are re-quantised), so fakes and
     reals share one value grid. The LDM and DIFF attackers in-paint the same sites. `cfg`:
     n_per_class, ct_mask_px, mri_margin_mm, jumps, jump_length, inject_cond_scale, ldm_guidance
-    ({attack: scale}), ldm_sample_steps. Without `ldm_models` the LDM sets are left out.
+    ({modality: {attack: scale}}, from `choose_guidance`), ldm_sample_steps. Without `ldm_models`
+    the LDM sets are left out.
     `seconds`, if given, accumulates each attacker's generation time (CTGAN, DIFF, LDM).
     """
     seconds = {} if seconds is None else seconds
@@ -277,12 +380,9 @@ def build_testsets(
 
     pixel_mm = {m: next(iter(scans[m].values())).spacing[1] for m in ("ct", "mri")}
     n = cfg["n_per_class"]
-    ct_inject_pool = aerated_sites(holdout["ct"][1].query("label == 'TB'"), scans["ct"])
     testsets = {}
     for attack in ATTACKS:
-        site_label = SITE_LABEL[attack]
-        ct_pool = ct_inject_pool if attack == "inject" else holdout["ct"][1]
-        sites = pick_sites(ct_pool, site_label, n, seed)
+        sites = attacker_sites(holdout["ct"], scans["ct"], "ct", attack, n, seed)
         t0 = time.perf_counter()
         fakes = ctgan_fakes(
             scans["ct"], sites, gans[attack], attack, holdout["ct"][0].shape[-1], seed
@@ -292,7 +392,7 @@ def build_testsets(
         testsets[name] = scenario_testset(name, holdout["ct"], fakes, n, seed)
         for m in ("ct", "mri"):
             patches, man = holdout[m]
-            sites = pick_sites(ct_pool if m == "ct" else man, site_label, n, seed)
+            sites = attacker_sites(holdout[m], scans[m], m, attack, n, seed)
             train_d = val[m][1].query("label == 'TM'")["diameter_mm"].to_numpy()
             t0 = time.perf_counter()
             images, masks, meta = diff.make_diffusion_fakes(

@@ -14,7 +14,7 @@ from btd.atomic import write_atomic
 from btd.detect.calibrate import Calibration, calibration_path
 from btd.evaluate.analysis import normalise_at_fpr, rates_at_threshold, roc_points
 from btd.evaluate.metrics import auc, bootstrap_table
-from btd.scenarios import CONTROL, PAPER_SCENARIOS, attack_of, modality_of
+from btd.scenarios import CONTROL, PAPER_SCENARIOS, attack_of, is_control, modality_of
 from btd.viz import save
 
 
@@ -160,7 +160,7 @@ def best_baselines(t1: pd.DataFrame) -> pd.DataFrame:
     for scenario, g in t1.groupby("scenario"):
         btd = g[g["method"] == "BTD"].iloc[0]
         control = g[g["method"] == CONTROL]
-        others = g[~g["method"].str.startswith("BTD") & (g["method"] != CONTROL)]
+        others = g[~g["method"].str.startswith("BTD") & ~g["method"].map(is_control).astype(bool)]
         best = others.loc[others["auc"].idxmax()] if len(others) else None
         plus = {f"{m}_auc": a for m, a in zip(g["method"], g["auc"], strict=True)
                 if m.startswith("BTD+")}  # fmt: skip

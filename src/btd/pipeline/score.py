@@ -9,13 +9,22 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from btd.attacks.testsets import load_testset
+from btd.attacks.testsets import VALIDATION_DIR, load_testset
 from btd.data.dataset import load_patch_dataset
 from btd.detect.btd import score as btd_score
-from btd.detect.btd import window_scores
 from btd.detect.control import laplacian_score
-from btd.detect.plus import self_reference_ratio, tail_score
-from btd.scenarios import BENIGN_LABEL, CONTROL, SCENARIOS, attack_of, modality_of
+from btd.detect.plus import VARIANTS, residual_statistics, tail_score
+from btd.errors import BTDInputError
+from btd.evaluate.metrics import auc
+from btd.scenarios import (
+    BENIGN_LABEL,
+    CONTROL,
+    CONTROL_TWO_SIDED,
+    PAPER_SCENARIOS,
+    SCENARIOS,
+    attack_of,
+    modality_of,
+)
 
 SCORE_COLUMNS = [
     "method",
@@ -32,6 +41,38 @@ SCORE_COLUMNS = [
 def load_testsets(folder: str | Path, scenarios: tuple[str, ...] = SCENARIOS) -> dict[str, tuple]:
     """(images, masks, meta) of every scenario written by the deepfakes stage."""
     return {s: load_testset(Path(folder) / s) for s in scenarios}
+
+
+def load_validation_sets(folder: str | Path) -> dict[str, tuple]:
+    """The validation-patient fakes the deepfakes stage writes under `folder/validation` (the LDM
+    scenarios): what BTD+'s default variant is chosen on. An empty or missing folder is an error,
+    not an empty choice."""
+    root = Path(folder) / VALIDATION_DIR
+    names = [s for s in SCENARIOS if (root / s).is_dir()]
+    if not names:
+        raise BTDInputError(root, "no validation fakes (run the deepfakes stage)")
+    return load_testsets(root, tuple(names))
+
+
+def validation_auc(scores: pd.DataFrame) -> pd.DataFrame:
+    """Plain AUC of every (method, scenario) on the validation fakes (no bootstrap: a choice, not a
+    result to report with an interval)."""
+    rows = [
+        {"method": m, "scenario": s, "auc": auc(g["fake"].to_numpy(), g["score"].to_numpy())}
+        for (m, s), g in scores.groupby(["method", "scenario"], sort=False)
+    ]
+    return pd.DataFrame(rows, columns=["method", "scenario", "auc"])
+
+
+def choose_plus_variant(val_auc: pd.DataFrame) -> str:
+    """The BTD+ variant with the highest mean validation AUC over the paper's LDM scenarios (the
+    SD-faithful attack); ties go to the earlier of `btd.detect.plus.VARIANTS`."""
+    paper = val_auc[val_auc["scenario"].isin(PAPER_SCENARIOS)]
+    means = paper[paper["method"].isin(VARIANTS)].groupby("method")["auc"].mean()
+    if means.empty:
+        raise BTDInputError("validation scores", "no BTD+ scores on the paper's LDM scenarios")
+    best = means.max()
+    return next(v for v in VARIANTS if v in means.index and means[v] == best)
 
 
 def btd_scenario_scores(
@@ -104,11 +145,8 @@ def score_all(
 def _energy_and_ratio(
     detector, images: np.ndarray, centres: np.ndarray | None, window: int, attack: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """BTD's residual energy (window at the site for injection, the patch for removal, as the paper)
-    and the self-referenced window/context ratio, from one backward step."""
-    maps = btd_score(detector, images)[1]
-    energy = window_scores(maps, window, centres) if attack == "inject" else window_scores(maps)
-    return energy, self_reference_ratio(maps, window, centres)
+    """BTD+'s two statistics (`btd.detect.plus.residual_statistics`) from one backward step."""
+    return residual_statistics(btd_score(detector, images)[1], window, attack, centres)
 
 
 def benign_references(
@@ -121,14 +159,15 @@ def benign_references(
         x, man = load_patch_dataset(Path(processed_dir) / m, "val")
         for attack, label in BENIGN_LABEL.items():
             sel = (man["label"] == label).to_numpy()
-            energy, ratio = _energy_and_ratio(
-                detector, np.asarray(x[sel]), None, windows[m], attack
-            )
+            images = np.asarray(x[sel])
+            energy, ratio = _energy_and_ratio(detector, images, None, windows[m], attack)
             out[(m, attack)] = {
                 "energy": energy,
                 "ratio": ratio,
+                "control": laplacian_score(images, windows[m]) if attack == "inject"
+                else laplacian_score(images),
                 "scanner": man.loc[sel, "scanner"].to_numpy(),
-            }
+            }  # fmt: skip
     return out
 
 
@@ -138,19 +177,24 @@ def btd_plus_all(
     references: dict[tuple[str, str], dict[str, np.ndarray]],
     windows: dict[str, int],
 ) -> pd.DataFrame:
-    """Every BTD+ variant (btd.detect.plus) on every scenario, in the score table's format."""
+    """Every BTD+ variant (btd.detect.plus) on every scenario, in the score table's format, and the
+    Laplacian control read the same two-sided way (`CONTROL_TWO_SIDED`, its matched floor)."""
     frames = []
     for scenario, (images, _, meta) in tqdm(testsets.items(), desc="BTD+ scoring"):
         m, attack = modality_of(scenario), attack_of(scenario)
         centres = meta[["py", "px"]].to_numpy(dtype=np.float64)
         energy, ratio = _energy_and_ratio(detectors[m], images, centres, windows[m], attack)
         ref, scanners = references[(m, attack)], meta["scanner"].to_numpy()
-        variants = {
-            "BTD+ two-sided": tail_score(energy, ref["energy"]),
-            "BTD+ scanner": tail_score(energy, ref["energy"], scanners, ref["scanner"]),
-            "BTD+ self-ref": tail_score(ratio, ref["ratio"], scanners, ref["scanner"]),
-        }
+        variants = dict(zip(VARIANTS, (  # two-sided, scanner, self-ref
+            tail_score(energy, ref["energy"]),
+            tail_score(energy, ref["energy"], scanners, ref["scanner"]),
+            tail_score(ratio, ref["ratio"], scanners, ref["scanner"]),
+        ), strict=True))  # fmt: skip
         frames += [tidy(name, scenario, meta, s) for name, s in variants.items()]
+        if "control" in ref:
+            control = control_scenario_scores(images, meta, attack, windows[m])
+            frames.append(tidy(CONTROL_TWO_SIDED, scenario, meta,
+                               tail_score(control, ref["control"])))  # fmt: skip
     return pd.concat(frames, ignore_index=True)
 
 

@@ -1,4 +1,4 @@
-"""Parameter profiles (default = params.yaml, `paper`, `tiny`) as overrides on top of params.yaml."""
+"""Parameter profiles (default = params.yaml, `paper`, `tiny`, `long`) as overrides on top of params.yaml."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 from btd.atomic import write_atomic
 from btd.errors import BTDConfigError
 
-PROFILES = ("paper", "tiny")
+PROFILES = ("paper", "tiny", "long")
 
 
 def overrides(name: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from btd.scenarios import CONTROL
+from btd.scenarios import CONTROL, CONTROL_TWO_SIDED, PAPER_SCENARIOS
 
 SUCCESS_FLOOR = 0.8  # an attack that fools the tumour classifier less often than this is weak
 
@@ -49,6 +49,19 @@ def deepfakes(success: dict[str, float], realism: pd.DataFrame) -> str:
             f"Below {SUCCESS_FLOOR:.1f}: {', '.join(weak)} — these fakes do not yet look like what "
             "they claim to be, so a detector's AUC on them says less."
         )
+        if {"mean_in", "scenario"} <= set(realism.columns):
+            means = []
+            for name in weak:
+                r = realism[realism["scenario"] == name]
+                if {"real", "fake"} <= set(r.index):
+                    means.append(f"{name} {r.loc['fake', 'mean_in']:.3f} vs "
+                                 f"{r.loc['real', 'mean_in']:.3f}")  # fmt: skip
+            if means:
+                parts.append(
+                    "Mean intensity in the tamper region, fakes vs reals of the class they claim: "
+                    + "; ".join(means)
+                    + "."
+                )
     else:
         parts.append(f"Every attack fools the classifier at least {SUCCESS_FLOOR:.0%} of the time.")
     if {"noise_in", "noise_out", "scenario"} <= set(realism.columns):
@@ -63,6 +76,35 @@ def deepfakes(success: dict[str, float], realism: pd.DataFrame) -> str:
             "Noise inside the tamper region relative to its surroundings: " + "; ".join(lines) + "."
         )
     return " ".join(parts)
+
+
+def guidance(study: pd.DataFrame, chosen: dict[str, dict[str, float]], target: float) -> str:
+    """The guidance scale each LDM attack uses, and whether it reached the target on val sites."""
+    lines = []
+    for mod, attacks in chosen.items():
+        for attack, g in attacks.items():
+            row = study[(study["modality"] == mod) & (study["attack"] == attack)
+                        & (study["guidance"] == g)].iloc[0]  # fmt: skip
+            if not row["n"]:
+                lines.append(f"{mod.upper()} {attack} {g:g} (no validation site to try on)")
+                continue
+            verdict = "reaches" if row["success"] >= target else "misses"
+            lines.append(f"{mod.upper()} {attack} {g:g} ({row['success']:.2f} on "
+                         f"{int(row['n'])} val sites, {verdict} {target:.2f})")  # fmt: skip
+    return "Guidance chosen on the attacker's own patients: " + "; ".join(lines) + "."
+
+
+def validation_choice(val_auc: pd.DataFrame, chosen: str) -> str:
+    """Mean validation AUC per method over the paper's LDM sets, and the BTD+ variant chosen."""
+    paper = val_auc[val_auc["scenario"].isin(PAPER_SCENARIOS)]
+    means = paper.groupby("method")["auc"].mean().sort_values(ascending=False)
+    listed = ", ".join(f"{m} {a:.2f}" for m, a in means.items())
+    control = CONTROL_TWO_SIDED if CONTROL_TWO_SIDED in means.index else CONTROL
+    verdict = "above" if means[chosen] > means.get(control, float("nan")) else "not above"
+    return (
+        f"Mean AUC on the validation fakes ({paper['scenario'].nunique()} LDM sets): {listed}. "
+        f"BTD+'s default is **{chosen}**, {verdict} the no-learning {control} on validation."
+    )
 
 
 def evaluate(best: pd.DataFrame, calibration: pd.DataFrame) -> str:
