@@ -69,3 +69,16 @@ def test_residual_statistics_read_the_site_for_injection_and_the_centre_for_remo
     e_rem, r_rem = residual_statistics(maps, 2, "remove", site)  # the site is not used
     # removal: the whole patch, and the window at the patch centre against a context holding the corner
     assert np.allclose(e_rem, window_scores(maps)) and np.allclose(r_rem, np.log(60 / 92))
+
+
+def test_injection_reference_without_centres_reads_the_centre_window_not_the_patch() -> None:
+    """A benign reference (no sites) must be read over the same region as the test patches: the
+    injection window at the patch centre, never the whole patch."""
+    from btd.detect.btd import window_scores
+    from btd.detect.plus import residual_statistics
+
+    maps = np.ones((1, 8, 8))
+    maps[:, 3:5, 3:5] = 2.0  # hot centre
+    energy, _ = residual_statistics(maps, 2, "inject")
+    assert np.allclose(energy, 4.0) and np.allclose(energy, window_scores(maps, 2))
+    assert not np.allclose(energy, window_scores(maps))

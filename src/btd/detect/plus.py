@@ -96,13 +96,14 @@ def residual_statistics(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The two statistics BTD+ reads from one backward step's residual maps (B, P, P).
 
-    energy: BTD's own score region (the window at `centres` for injection, the whole patch for
-    removal, as the paper); ratio: `self_reference_ratio` at `centres` for injection, at the patch
-    centre for removal (where no site is known, as in `btd scan`). The pipeline and the CLI both
-    call this, so a calibration fitted by one reads the other's scores.
+    energy: BTD's own score region (the window at `centres`, or the patch centre without them, for
+    injection; the whole patch for removal, as the paper); ratio: `self_reference_ratio` at the same
+    window for injection, at the patch centre for removal (where no site is known, as in `btd
+    scan`). The pipeline and the CLI both call this, so a calibration fitted by one reads the
+    other's scores, and a benign reference (no centres) is read over the same region as a test set.
     """
-    at = centres if attack == "inject" else None
-    energy = (
-        window_scores(residual_maps, window, at) if at is not None else window_scores(residual_maps)
-    )
-    return energy, self_reference_ratio(residual_maps, window, at)
+    if attack == "inject":
+        return window_scores(residual_maps, window, centres), self_reference_ratio(
+            residual_maps, window, centres
+        )
+    return window_scores(residual_maps), self_reference_ratio(residual_maps, window)
