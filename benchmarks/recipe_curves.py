@@ -37,7 +37,6 @@ from btd import paths
 from btd.attacks.testsets import load_testset
 from btd.attacks.traces import nps_log_ratio
 from btd.data.dataset import load_patch_dataset
-from btd.detect.control import laplacian_score
 from btd.detect.plus import tail_score
 from btd.diffusion.checkpoint import load_detector
 from btd.diffusion.model import band_losses
@@ -48,6 +47,7 @@ from btd.pipeline.score import (
     benign_references,
     btd_plus_all,
     btd_scenario_scores,
+    control_reference,
     control_scenario_scores,
 )
 from btd.pipeline.train_ddpm import samples
@@ -95,7 +95,7 @@ def control_aucs(sets: dict, window: int, modality: str) -> tuple[dict, dict]:
     for name, (images, _, meta) in sets.items():
         attack, fake = attack_of(name), meta["fake"].to_numpy()
         benign = np.asarray(x[(man["label"] == BENIGN_LABEL[attack]).to_numpy()])
-        ref = laplacian_score(benign, window) if attack == "inject" else laplacian_score(benign)
+        ref = control_reference(benign, attack, window)
         s = control_scenario_scores(images, meta, attack, window)
         one[name], two[name] = auc(fake, s), auc(fake, tail_score(s, ref))
     return one, two

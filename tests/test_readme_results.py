@@ -172,6 +172,8 @@ def test_recipe_markdown_known_answer():
     }  # fmt: skip
     text = recipe_markdown(r)
     assert "| uniform | 250 | 2.0 | 0.610 | 0.5000 | 0.0200 |" in text
+    r["rows"][0]["LDM-CT-Inject"] = None  # a point the study could not record
+    assert "| uniform | 250 | 2.0 | — | 0.5000 | 0.0200 |" in recipe_markdown(r)
     assert "| control (no learning) |  |  | 0.130 |  |  |" in text
     assert (
         "uniform: 19.5 images/s" in text and "AMD EPYC (avx2; 2 logical CPUs); cpu, 2 cores" in text

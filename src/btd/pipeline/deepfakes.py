@@ -275,8 +275,8 @@ def ldm_guidance_study(
 def choose_guidance(study: pd.DataFrame, target: float) -> dict[str, dict[str, float]]:
     """Per modality and attack: the smallest scale whose validation success (decoded fakes, as SD
     returns them) reaches `target`, else the most successful one (the smallest scale where there
-    was no validation site). Stronger guidance costs realism
-    (it over-saturates), so an attacker stops at "enough"; ties go to the smaller scale."""
+    was no validation site). Stronger guidance costs realism (it over-saturates), so an attacker
+    stops at "enough"; ties go to the smaller scale."""
     chosen: dict[str, dict[str, float]] = {}
     for (m, attack), g in study.groupby(["modality", "attack"]):
         g = g.sort_values("guidance")

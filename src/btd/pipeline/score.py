@@ -94,6 +94,12 @@ def control_scenario_scores(
     return laplacian_score(images)
 
 
+def control_reference(images: np.ndarray, attack: str, window: int) -> np.ndarray:
+    """The control on benign reference patches (no sites): the injection window at the patch
+    centre, the whole patch for removal -- the region `control_scenario_scores` reads a test set in."""
+    return laplacian_score(images, window) if attack == "inject" else laplacian_score(images)
+
+
 def tidy(method: str, scenario: str, meta: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
     """Rows of the score table for one method on one scenario."""
     return pd.DataFrame(
@@ -164,8 +170,7 @@ def benign_references(
             out[(m, attack)] = {
                 "energy": energy,
                 "ratio": ratio,
-                "control": laplacian_score(images, windows[m]) if attack == "inject"
-                else laplacian_score(images),
+                "control": control_reference(images, attack, windows[m]),
                 "scanner": man.loc[sel, "scanner"].to_numpy(),
             }  # fmt: skip
     return out

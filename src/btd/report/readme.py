@@ -366,6 +366,11 @@ def sampler_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _num(value: float | None, digits: int) -> str:
+    """A table cell: the number, or a dash where the study recorded none (null in the JSON)."""
+    return "—" if value is None or pd.isna(value) else f"{value:.{digits}f}"
+
+
 def recipe_markdown(r: dict) -> str:
     """DDPM recipes: validation AUC and band losses against training compute, plus throughput and
     the samples' NPS distance, beside the control's AUC on the same validation fakes."""
@@ -378,8 +383,8 @@ def recipe_markdown(r: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table.to_dict(orient="records"):
         cells = [row["recipe"], str(row["step"]), f"{row['train_s'] / 60:.1f}",
-                 *[f"{row[s]:.3f}" for s in [*sets, *plus]],
-                 *[f"{row[b]:.4f}" for b in bands]]  # fmt: skip
+                 *[_num(row[s], 3) for s in [*sets, *plus]],
+                 *[_num(row[b], 4) for b in bands]]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     control = ["control (no learning)", "", "", *[f"{r['control_auc'][s]:.3f}" for s in sets],
                *[""] * (len(plus) + len(bands))]  # fmt: skip
@@ -394,7 +399,8 @@ def recipe_markdown(r: dict) -> str:
         f"{v['sample_nps_mean_abs_log10_ratio']:.2f}"
         for name, v in r["recipes"].items()
     )
-    return "\n".join(lines) + f"\n\n{per}. {_machine(r['machine'])}."
+    note = f" {r['note']}" if r.get("note") else ""
+    return "\n".join(lines) + f"\n\n{per}. {_machine(r['machine'])}.{note}"
 
 
 def cross_dispatch_markdown(r: dict) -> str:
