@@ -196,3 +196,19 @@ def test_btd_plus_is_held_to_the_two_sided_control():
         "BTD+ two-sided: above the two-sided control on 0 of 1, below it on LDM-CT-Inject" in text
     )
     assert "BTD: above the control on 1 of 1 (LDM-CT-Inject)" in text
+
+
+def test_attack_and_calibration_lines_known_answer():
+    from btd.report.readme import attack_line, calibration_line
+
+    line = attack_line({"attack_success": {"LDM-CT-Inject": 0.95, "LDM-CT-Remove": 0.2}}, 0.8)
+    assert "1 of 2 test sets reach it; below it: LDM-CT-Remove 0.20" in line
+    assert attack_line({}) == ""
+    cal = pd.DataFrame({
+        "method": ["BTD", "BTD", "BTD+ two-sided"], "scenario": ["a", "b", "a"],
+        "target_fpr": 0.1, "test_fpr": [0.0, 0.12, 0.1], "holds": [False, True, True],
+    })  # fmt: skip
+    line = calibration_line(cal)
+    assert "target FPR 0.10" in line
+    assert "BTD 1 of 2 (test FPR 0.00–0.12); BTD+ two-sided 1 of 1 (test FPR 0.10–0.10)" in line
+    assert "BTD 1 of 2" in calibration_line(cal.drop(columns="method").iloc[:2])  # older runs

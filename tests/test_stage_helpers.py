@@ -16,7 +16,14 @@ from btd.data.preprocess import (
     to_stored_grid,
 )
 from btd.detect.control import CONTROL, laplacian_maps, laplacian_score
-from btd.pipeline.evaluate import best_baselines, fpr_interval, size_figure
+from btd.pipeline.evaluate import (
+    best_baselines,
+    calibration_metrics,
+    calibration_summary,
+    fpr_interval,
+    size_figure,
+    tail_calibration_check,
+)
 from btd.report import reading
 
 
@@ -73,6 +80,28 @@ def _t1() -> pd.DataFrame:
             rows.append(dict(method=method, scenario=scenario, auc=auc, auc_lo=auc - 0.05,
                              auc_hi=auc + 0.05, eer=1 - auc))  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def test_tail_calibration_flags_p_at_or_below_the_target() -> None:
+    """BTD+ scores are -log10 p: the threshold at target 0.1 flags p <= 0.1 (p = 0.1 included)."""
+    p_real = np.array([0.05, 0.1, 0.2, 0.5, 1.0, 0.8, 0.3, 0.6, 0.9, 0.4])  # 2 of 10 flagged
+    p_fake = np.array([0.01, 0.02, 0.5, 0.1])  # 3 of 4 flagged
+    rows = []
+    for method in ("BTD+ two-sided", "BTD+ scanner"):
+        for fake, p in ((0, p_real), (1, p_fake)):
+            rows += [{"method": method, "scenario": "LDM-CT-Inject", "fake": fake,
+                      "score": -np.log10(v)} for v in p]  # fmt: skip
+    rows.append({"method": "BTD", "scenario": "LDM-CT-Inject", "fake": 0, "score": 9.0})
+    cal = tail_calibration_check(pd.DataFrame(rows), 0.1)
+    assert list(cal["method"]) == ["BTD+ two-sided", "BTD+ scanner"]  # BTD is not a tail score
+    r = cal.iloc[0]
+    assert (r.test_fpr, r.test_tpr, r.n_real) == (0.2, 0.75, 10)
+    assert (r.fpr_lo, r.fpr_hi) == fpr_interval(0.1, 10)
+    assert r.holds == (r.fpr_lo <= 0.2 <= r.fpr_hi)
+    summary = calibration_summary(cal).set_index("method")
+    assert summary.loc["BTD+ scanner", "test_sets"] == 1
+    metrics = calibration_metrics(cal)
+    assert metrics["BTD+ two-sided"]["scenarios"]["LDM-CT-Inject"]["test_fpr"] == 0.2
 
 
 def test_best_baseline_excludes_the_control_and_reading_says_where_btd_wins() -> None:

@@ -12,9 +12,17 @@ from scipy import stats
 
 from btd.atomic import write_atomic
 from btd.detect.calibrate import Calibration, calibration_path
+from btd.detect.plus import VARIANTS as PLUS_VARIANTS
 from btd.evaluate.analysis import normalise_at_fpr, rates_at_threshold, roc_points
 from btd.evaluate.metrics import auc, bootstrap_table
-from btd.scenarios import CONTROL, PAPER_SCENARIOS, attack_of, is_control, modality_of
+from btd.scenarios import (
+    CONTROL,
+    CONTROL_TWO_SIDED,
+    PAPER_SCENARIOS,
+    attack_of,
+    is_control,
+    modality_of,
+)
 from btd.viz import save
 
 
@@ -135,11 +143,75 @@ def calibration_check(
         rates = rates_at_threshold(g["fake"].to_numpy(), g["score"].to_numpy(), cal.threshold)
         n_real = int((g["fake"] == 0).sum())
         lo, hi = fpr_interval(cal.target_fpr, n_real)
-        rows.append({"scenario": scenario, "target_fpr": cal.target_fpr, "family": cal.family,
+        rows.append({"method": method, "scenario": scenario, "target_fpr": cal.target_fpr,
+                     "family": cal.family,
                      "threshold": cal.threshold, "test_fpr": rates["fpr"], "test_tpr": rates["tpr"],
                      "n_real": n_real, "fpr_lo": lo, "fpr_hi": hi,
                      "holds": bool(lo <= rates["fpr"] <= hi)})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+#: Methods whose score is -log10 of a two-sided tail probability under validation benign data.
+TAIL_METHODS = (*PLUS_VARIANTS, CONTROL_TWO_SIDED)
+
+
+def tail_calibration_check(scores: pd.DataFrame, target_fpr: float) -> pd.DataFrame:
+    """FPR/TPR on each test set of every tail-probability method, flagging p <= `target_fpr`.
+
+    BTD+ and the two-sided control score -log10 p, with p the tail probability under the
+    validation patients' benign scores, so their validation-calibrated threshold is -log10(target)
+    by construction; this checks that it holds on the test patients, as `calibration_check` does
+    for BTD's fitted CDF. Same columns as `calibration_check` (family "empirical tail").
+    """
+    threshold = -np.log10(target_fpr)
+    rows = []
+    present = [m for m in TAIL_METHODS if m in set(scores["method"])]
+    for (method, scenario), g in scores[scores["method"].isin(present)].groupby(
+        ["method", "scenario"], sort=False
+    ):
+        p = np.power(10.0, -g["score"].to_numpy(dtype=np.float64))
+        fake = g["fake"].to_numpy()
+        flags = p <= target_fpr * (1 + 1e-9)  # p is a ratio of counts: no float near-misses
+        n_real = int((fake == 0).sum())
+        fpr = float(flags[fake == 0].mean()) if n_real else float("nan")
+        tpr = float(flags[fake == 1].mean()) if (fake == 1).any() else float("nan")
+        lo, hi = fpr_interval(target_fpr, n_real)
+        rows.append({"method": method, "scenario": scenario, "target_fpr": target_fpr,
+                     "family": "empirical tail", "threshold": threshold, "test_fpr": fpr,
+                     "test_tpr": tpr, "n_real": n_real, "fpr_lo": lo, "fpr_hi": hi,
+                     "holds": bool(lo <= fpr <= hi)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def calibration_summary(calibration: pd.DataFrame) -> pd.DataFrame:
+    """Per method: on how many test sets the validation threshold's test FPR holds, and the range
+    of test FPRs (the table `05_evaluate` shows and `metrics/evaluate.json` records)."""
+    g = calibration.groupby("method", sort=False)
+    return pd.DataFrame({
+        "held": g["holds"].sum().astype(int), "test_sets": g.size(),
+        "fpr_min": g["test_fpr"].min(), "fpr_max": g["test_fpr"].max(),
+        "fpr_mean": g["test_fpr"].mean(),
+    }).reset_index()  # fmt: skip
+
+
+def calibration_metrics(calibration: pd.DataFrame) -> dict:
+    """{method: {held, test_sets, scenarios: {scenario: {test_fpr, test_tpr, holds}}}} for DVC."""
+    out: dict = {}
+    summary = calibration_summary(calibration).set_index("method")
+    for method, g in calibration.groupby("method", sort=False):
+        out[method] = {
+            "held": int(summary.loc[method, "held"]),
+            "test_sets": int(summary.loc[method, "test_sets"]),
+            "scenarios": {
+                r.scenario: {
+                    "test_fpr": round(r.test_fpr, 4),
+                    "test_tpr": round(r.test_tpr, 4),
+                    "holds": int(r.holds),
+                }
+                for r in g.itertuples()
+            },  # fmt: skip
+        }
+    return out
 
 
 def fpr_interval(target: float, n_real: int, level: float = 0.95) -> tuple[float, float]:

@@ -201,6 +201,42 @@ def control_line(t1: pd.DataFrame) -> str:
     )
 
 
+def attack_line(deepfakes_metrics: dict, target: float = 0.8) -> str:
+    """Which attacks fool the tumour classifier less often than `target` (their AUCs say less)."""
+    success = deepfakes_metrics.get("attack_success", {})
+    if not success:
+        return ""
+    weak = {s: v for s, v in sorted(success.items()) if v < target}
+    text = (
+        f"Attack success (the tumour classifier fooled, test sites; target {target:.1f}): "
+        f"{len(success) - len(weak)} of {len(success)} test sets reach it"
+    )
+    if weak:
+        text += "; below it: " + ", ".join(f"{s} {v:.2f}" for s, v in weak.items())
+    return text + " (`metrics/deepfakes.json`)."
+
+
+def calibration_line(cal: pd.DataFrame) -> str:
+    """Per detector: on how many test sets the validation threshold's test FPR lies in the 95 %
+    binomial interval around the target, and the range of test FPRs."""
+    if not len(cal):
+        return ""
+    if "method" not in cal:  # runs before the per-method check calibrated BTD only
+        cal = cal.assign(method="BTD")
+    target = float(cal["target_fpr"].iloc[0])
+    parts = []
+    for method, g in cal.groupby("method", sort=False):
+        parts.append(
+            f"{method} {int(g['holds'].sum())} of {len(g)} "
+            f"(test FPR {g['test_fpr'].min():.2f}–{g['test_fpr'].max():.2f})"
+        )
+    return (
+        f"Calibration at target FPR {target:.2f}, thresholds from validation patients only "
+        "(test sets where the test FPR lies in the 95 % binomial interval; "
+        "`results/tables/calibration.csv`): " + "; ".join(parts) + "."
+    )
+
+
 def render(root: Path) -> str:
     """The generated block (without markers)."""
     tables = Path(root) / "results" / "tables"
@@ -213,6 +249,7 @@ def render(root: Path) -> str:
         extra_markdown(t1),
         summary_line(t1),
         control_line(t1),
+        *_optional_lines(Path(root)),
         "BTD+ (beyond the paper: two-sided tail probability of the residual under validation patients' "
         "benign scores, per scanner, or of the window/context ratio; see `btd.detect.plus`):",
         plus_markdown(t1, plus_default(Path(root) / "results" / "validation_auc.csv")),
@@ -221,6 +258,28 @@ def render(root: Path) -> str:
         "from Table 1's BTD by sampling:",
         table3_markdown(t3, paper),
     ])  # fmt: skip
+
+
+def _optional_lines(root: Path) -> list[str]:
+    """The attack-success and calibration lines, where the run wrote their inputs."""
+    import json
+
+    lines = []
+    deepfakes, cal = (
+        root / "metrics" / "deepfakes.json",
+        root / "results" / "tables" / "calibration.csv",
+    )
+    if deepfakes.is_file():
+        params = root / "params.yaml"
+        target = (
+            yaml.safe_load(params.read_text())["deepfakes"]["ldm_target_success"]
+            if params.is_file()
+            else 0.8  # the issue's floor, for a results folder without its params
+        )
+        lines.append(attack_line(json.loads(deepfakes.read_text()), float(target)))
+    if cal.is_file():
+        lines.append(calibration_line(_read(cal)))
+    return [line for line in lines if line]
 
 
 def _replace(text: str, start: str, end: str, body: str, source: Path) -> str:
