@@ -236,14 +236,15 @@ def guidance_study(
 def validation_auc(val_auc: pd.DataFrame, chosen: str, path: str | Path) -> plt.Figure:
     """AUC of BTD, the control and every BTD+ variant on the validation fakes (the choice's data),
     the chosen variant's name in the title."""
-    fig, ax = plt.subplots(figsize=(9, 3.4))
+    fig, ax = plt.subplots(figsize=(11, 4.2))
     sns.barplot(data=val_auc, x="scenario", y="auc", hue="method", ax=ax)
     ax.axhline(0.5, color="grey", lw=1, ls=":")
     ax.set_ylim(0, 1)
     ax.set_xlabel("validation set (attacker's patients)")
     ax.set_ylabel("AUC")
     ax.set_title(f"Validation fakes: BTD+ default = {chosen}")
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    plt.setp(ax.get_xticklabels(), rotation=25, ha="right")  # long scenario names
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     save(fig, path)
     return fig

@@ -406,6 +406,8 @@ def pipeline_markdown(r: dict) -> str:
         )
     if r.get("peak_rss_mb"):
         lines.append(f"\nPeak memory: {r['peak_rss_mb'] / 1024:.1f} GB.")
+    if r.get("cpu"):
+        lines.append(f"\nCPU: {r['cpu']}.")
     if r.get("note"):
         lines.append(f"\n{r['note']}")
     return "\n".join(lines)
