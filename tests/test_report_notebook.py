@@ -77,3 +77,37 @@ def test_papermills_injected_cell_gets_a_stable_id() -> None:
     nb = _nb([])
     nb["cells"][0].update(id="a1b2c3d4", metadata={"tags": ["injected-parameters"]})
     assert clean_notebook(nb, Path("/x"))["cells"][0]["id"] == "injected-parameters"
+
+
+def test_a_bare_returned_path_is_dropped_but_other_results_stay() -> None:
+    def result(text: str, **data) -> dict:
+        return {"output_type": "execute_result", "data": {"text/plain": text, **data},
+                "metadata": {}, "execution_count": 1}  # fmt: skip
+
+    outs = [
+        result("PosixPath('reports/figures/x/samples.png')"),
+        {
+            "output_type": "display_data",
+            "data": {"image/png": "iVBOR", "text/plain": "<Figure>"},
+            "metadata": {},
+        },  # fmt: skip
+        result("PosixPath('a.png') and more"),
+        result("'reports/figures/x.png'"),
+    ]
+    got = clean_notebook(_nb(outs), Path("/nowhere"))["cells"][0]["outputs"]
+    assert [o["data"]["text/plain"] for o in got] == [
+        "<Figure>", "PosixPath('a.png') and more", "'reports/figures/x.png'",
+    ]  # fmt: skip
+    assert image_outputs({"cells": [{"outputs": got}]}) == 1
+
+
+def test_committed_reports_name_no_machine_path_and_no_bare_path() -> None:
+    from btd.report.notebook import _is_path_repr
+
+    reports = sorted(Path(__file__).resolve().parents[1].joinpath("reports").glob("*.ipynb"))
+    assert reports, "no executed reports committed"
+    for path in reports:
+        nb = json.loads(path.read_text())
+        assert not absolute_paths(nb), f"{path.name}: {absolute_paths(nb)[:3]}"
+        bare = [o for c in nb["cells"] for o in c.get("outputs", []) if _is_path_repr(o)]
+        assert not bare, f"{path.name}: a cell shows a bare path"

@@ -2,8 +2,8 @@
 
 papermill stores what a kernel printed as it came: every redraw of a progress bar is an output chunk,
 and paths print as the machine's absolute paths. `clean_report` keeps what a reader needs (each
-bar's final state, every figure and table), writes paths relative to the repository root, and drops
-the run-specific metadata (timestamps, durations) that would make dvc.lock and git churn.
+bar's final state, every figure and table), writes paths relative to the repository root, drops
+the bare path a cell returned (`PosixPath('reports/figures/...')` beside its figure) and the run-specific metadata (timestamps, durations) that would make dvc.lock and git churn.
 """
 
 from __future__ import annotations
@@ -48,6 +48,18 @@ def _merge_streams(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [o for o in merged if o.get("output_type") != "stream" or o["text"].strip()]
 
 
+# The repr of a path a cell returned (a figure's save path, a metrics file): not a result to show.
+PATH_REPR = re.compile(r"^(?:Posix|Windows)?Path\('[^']*'\)$")
+
+
+def _is_path_repr(out: dict[str, Any]) -> bool:
+    """An execute_result whose only content is a Path's repr (e.g. `viz.save(...)` as a cell's
+    last line): the figure itself is shown by its own output, the path is noise."""
+    if out.get("output_type") != "execute_result" or set(out.get("data", {})) != {"text/plain"}:
+        return False
+    return bool(PATH_REPR.match(_text({"text": out["data"]["text/plain"]}).strip()))
+
+
 def _text(out: dict[str, Any]) -> str:
     text = out.get("text", "")
     return "".join(text) if isinstance(text, list) else text
@@ -74,7 +86,8 @@ def clean_notebook(nb: dict[str, Any], root: Path) -> dict[str, Any]:
         if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
             cell["id"] = "injected-parameters"  # papermill draws a random id on every run
         if cell.get("cell_type") == "code":
-            cell["outputs"] = _merge_streams(cell.get("outputs", []))
+            outputs = [o for o in cell.get("outputs", []) if not _is_path_repr(o)]
+            cell["outputs"] = _merge_streams(outputs)
     return nb
 
 
