@@ -3,7 +3,8 @@
 papermill stores what a kernel printed as it came: every redraw of a progress bar is an output chunk,
 and paths print as the machine's absolute paths. `clean_report` keeps what a reader needs (each
 bar's final state, every figure and table), writes paths relative to the repository root, drops
-the bare path a cell returned (`PosixPath('reports/figures/...')` beside its figure) and the run-specific metadata (timestamps, durations) that would make dvc.lock and git churn.
+the bare path a cell returned (`PosixPath('reports/figures/...')` beside its figure) and drops the
+run-specific metadata (timestamps, durations) that would make dvc.lock and git churn.
 """
 
 from __future__ import annotations

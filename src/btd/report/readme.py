@@ -219,17 +219,17 @@ def attack_line(deepfakes_metrics: dict, target: float = 0.8) -> str:
 def calibration_line(cal: pd.DataFrame) -> str:
     """Per detector: on how many test sets the validation threshold's test FPR lies in the 95 %
     binomial interval around the target, and the range of test FPRs."""
+    from btd.pipeline.evaluate import calibration_summary
+
     if not len(cal):
         return ""
     if "method" not in cal:  # runs before the per-method check calibrated BTD only
         cal = cal.assign(method="BTD")
     target = float(cal["target_fpr"].iloc[0])
-    parts = []
-    for method, g in cal.groupby("method", sort=False):
-        parts.append(
-            f"{method} {int(g['holds'].sum())} of {len(g)} "
-            f"(test FPR {g['test_fpr'].min():.2f}–{g['test_fpr'].max():.2f})"
-        )
+    parts = [
+        f"{r.method} {r.held} of {r.test_sets} (test FPR {r.fpr_min:.2f}–{r.fpr_max:.2f})"
+        for r in calibration_summary(cal).itertuples()
+    ]
     return (
         f"Calibration at target FPR {target:.2f}, thresholds from validation patients only "
         "(test sets where the test FPR lies in the 95 % binomial interval; "
@@ -262,21 +262,20 @@ def render(root: Path) -> str:
 
 def _optional_lines(root: Path) -> list[str]:
     """The attack-success and calibration lines, where the run wrote their inputs."""
-    import json
-
     lines = []
     deepfakes, cal = (
         root / "metrics" / "deepfakes.json",
         root / "results" / "tables" / "calibration.csv",
     )
-    if deepfakes.is_file():
+    deepfakes_metrics = _load_json(deepfakes)
+    if deepfakes_metrics is not None:
         params = root / "params.yaml"
         target = (
             yaml.safe_load(params.read_text())["deepfakes"]["ldm_target_success"]
             if params.is_file()
             else 0.8  # the issue's floor, for a results folder without its params
         )
-        lines.append(attack_line(json.loads(deepfakes.read_text()), float(target)))
+        lines.append(attack_line(deepfakes_metrics, float(target)))
     if cal.is_file():
         lines.append(calibration_line(_read(cal)))
     return [line for line in lines if line]
