@@ -169,17 +169,16 @@ def tail_calibration_check(scores: pd.DataFrame, target_fpr: float) -> pd.DataFr
     for (method, scenario), g in scores[scores["method"].isin(present)].groupby(
         ["method", "scenario"], sort=False
     ):
-        p = np.power(10.0, -g["score"].to_numpy(dtype=np.float64))
-        fake = g["fake"].to_numpy()
-        flags = p <= target_fpr * (1 + 1e-9)  # p is a ratio of counts: no float near-misses
-        n_real = int((fake == 0).sum())
-        fpr = float(flags[fake == 0].mean()) if n_real else float("nan")
-        tpr = float(flags[fake == 1].mean()) if (fake == 1).any() else float("nan")
+        # flags p <= target: score > threshold less a hair, so p == target (a ratio of counts)
+        # is not lost to float rounding
+        rates = rates_at_threshold(g["fake"].to_numpy(), g["score"].to_numpy(), threshold - 1e-9)
+        n_real = int((g["fake"] == 0).sum())
         lo, hi = fpr_interval(target_fpr, n_real)
         rows.append({"method": method, "scenario": scenario, "target_fpr": target_fpr,
-                     "family": "empirical tail", "threshold": threshold, "test_fpr": fpr,
-                     "test_tpr": tpr, "n_real": n_real, "fpr_lo": lo, "fpr_hi": hi,
-                     "holds": bool(lo <= fpr <= hi)})  # fmt: skip
+                     "family": "empirical tail", "threshold": threshold,
+                     "test_fpr": rates["fpr"], "test_tpr": rates["tpr"], "n_real": n_real,
+                     "fpr_lo": lo, "fpr_hi": hi,
+                     "holds": bool(lo <= rates["fpr"] <= hi)})  # fmt: skip
     return pd.DataFrame(rows)
 
 
