@@ -199,3 +199,48 @@ def test_nps_log_ratio_is_zero_for_the_same_noise_and_sees_smoothing():
     smooth = np.stack([ndimage.gaussian_filter(n, 1.5) for n in noise])
     _, ratio = traces.nps_log_ratio(smooth, noise)
     assert ratio[-1] < -1 and ratio[-1] < ratio[0]  # high frequencies lost, far more than low ones
+
+
+def test_sampler_never_clips_the_predicted_latent(model):
+    """Latents have no [-1, 1] range: diffusers' default clip_sample=True pulled every in-painted
+    latent towards 0 (the mask got the decoder's average patch, whatever its context)."""
+    assert model.scheduler.config.clip_sample is False
+
+
+def test_remover_finetune_uses_the_benign_token_on_its_instances(model):
+    rng = np.random.default_rng(4)
+    patches = rng.random((6, 1, P, P)).astype(np.float32)
+    prior = ldm.generic_sampler(model, patches, ["TM", "TB"] * 3)
+    inst_masks = ldm.tumour_masks(_sites(6, "TB").assign(diameter_mm=6.0), P, "mri", 1.0, None, 1.0)
+    sample = ldm.dreambooth_sampler(model, patches, inst_masks, prior, "benign")
+    _, masks, classes, _ = sample(np.random.default_rng(0), 4)
+    assert (classes[:2] == ldm.CLASS_OF["benign"]).all() and masks[:2].any()
+    remover, hist = ldm.dreambooth_finetune(model, patches, inst_masks, prior, 2, "benign",
+                                            batch_size=4)  # fmt: skip
+    assert remover is not model and len(hist) == 2
+    with pytest.raises(BTDInputError, match="healthy"):
+        ldm.dreambooth_finetune(model, patches[:0], inst_masks[:0], prior, 1, "benign")
+
+
+def test_healthy_instance_keeps_aerated_ct_sites_and_every_mri_site():
+    from btd.data.preprocess import normalize_ct
+
+    hu = np.full((4, 1, P, P), -1000.0, np.float32)  # aerated lung: the window floor, -700 HU
+    hu[1] = 40.0  # soft tissue under the mask
+    hu[2, 0, 6, 6:10] = 0.0  # 4 of the mask's 16 pixels at 0 HU: mean (12 * -700) / 16 = -525
+    hu[3, 0, 6, 6:8] = 0.0  # 2 of 16: mean (14 * -700) / 16 = -612.5
+    masks = np.zeros((4, P, P), np.uint8)
+    masks[:, 6:10, 6:10] = 1
+    images = normalize_ct(hu)
+    np.testing.assert_array_equal(
+        ldm.healthy_instance(images, masks, "ct", -600.0), [True, False, False, True]
+    )
+    assert ldm.healthy_instance(images, masks, "mri", -600.0).all()
+
+
+def test_fit_ldm_names_a_bad_remover_before_training():
+    from btd.pipeline.deepfakes import fit_ldm
+
+    with pytest.raises(BTDConfigError, match="ldm_remover"):
+        fit_ldm(np.zeros((2, 1, P, P), np.float32), _sites(2, "TB"), "ct", 1.0,
+                {"remover": "stock"}, 0)  # fmt: skip

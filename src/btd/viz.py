@@ -197,8 +197,12 @@ def attack_nps(spectra: pd.DataFrame, path: str | Path) -> plt.Figure:
             ax.plot(real.index, real.values, color="black", lw=2.2, label="real")
             for attacker, g in d[d["group"] == "fake"].groupby("attacker", sort=False):
                 curve = g.groupby("freq")["nps"].mean()
+                paste = attacker.endswith("-Paste")  # same pixels as its attacker inside the mask
+                label = f"{attacker} fakes" + (
+                    " (dashed; = its attacker inside the mask)" if paste else ""
+                )
                 ax.plot(curve.index, curve.values, marker=".", color=colour[attacker],
-                        label=f"{attacker} fakes")  # fmt: skip
+                        ls="--" if paste else "-", label=label)  # fmt: skip
             ax.set_yscale("log")
             ax.set_title(f"{mod.upper()} · {region}")
             ax.set_xlabel("spatial frequency (cycles / pixel)")

@@ -6,6 +6,7 @@ patients (which the detector never trained on); every test image comes from `hol
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from btd.attacks import inpaint_ddpm as diff
 from btd.attacks import latent_inpaint as ldm
 from btd.attacks.ctgan import CTGANAttacker, removal_cube_mm, tamper_ct
 from btd.attacks.cubes import local_mean_hu, training_cubes
+from btd.attacks.masks import sample_tumour_diameters
 from btd.attacks.testsets import (
     SITE_COLUMNS,
     attack_success,
@@ -38,6 +40,8 @@ from btd.scenarios import (
     modality_of,
     scenario_name,
 )
+
+log = logging.getLogger(__name__)
 
 
 def pick_sites(manifest: pd.DataFrame, label: str, n: int, seed: int) -> pd.DataFrame:
@@ -155,12 +159,17 @@ def fit_ldm(
     cfg: dict,
     seed: int,
 ) -> tuple[dict[str, ldm.LatentInpainter], dict[str, list[dict]]]:
-    """SD's in-painting path on the attacker's patches: autoencoder -> generic U-Net -> injector.
+    """SD's in-painting path on the attacker's patches: autoencoder -> generic U-Net -> fine-tunes.
 
     `cfg`: ae_data ('attacker' | 'natural'), ae_channels, ae_steps, unet_channels, unet_steps,
-    finetune_steps, batch_size, lr, ct_mask_px, mri_margin_mm. Returns ({'remove': generic,
-    'inject': DreamBooth injector}, histories with each part's wall-clock seconds).
+    finetune_steps, batch_size, lr, ct_mask_px, mri_margin_mm, remover ('dreambooth' | 'generic'),
+    remover_max_hu. Returns ({'inject': DreamBooth injector, 'remove': DreamBooth remover, or the
+    generic model -- the paper's "off-the-shelf" role}, histories with each part's seconds).
     """
+    if cfg["remover"] not in ("dreambooth", "generic"):
+        raise BTDConfigError(
+            "deepfakes.ldm_remover", f"must be 'dreambooth' or 'generic', got {cfg['remover']!r}"
+        )
     ae_cfg = akl.AutoencoderConfig(channels=tuple(cfg["ae_channels"]))
     ae = akl.build_autoencoder(ae_cfg, seed=seed)
     if cfg["ae_data"] == "natural":
@@ -177,14 +186,37 @@ def fit_ldm(
     prior = ldm.generic_sampler(generic, patches, manifest["label"].tolist())
     hist["generic"] = ldm.fit(generic, prior, cfg["unet_steps"], batch_size=cfg["batch_size"],
                               lr=cfg["lr"], seed=seed)  # fmt: skip
-    tm = manifest["label"].to_numpy() == "TM"
-    masks = ldm.tumour_masks(manifest[tm], patches.shape[-1], modality, pixel_mm,
+    size, labels = patches.shape[-1], manifest["label"].to_numpy()
+    masks = ldm.tumour_masks(manifest[labels == "TM"], size, modality, pixel_mm,
                              cfg["ct_mask_px"], cfg["mri_margin_mm"])  # fmt: skip
-    injector, hist["injector"] = ldm.finetune_injector(
-        generic, patches[tm], masks, prior, cfg["finetune_steps"], batch_size=cfg["batch_size"],
-        lr=cfg["lr"] / 4, seed=seed,
-    )  # fmt: skip
-    return {"inject": injector, "remove": generic}, hist
+    tune = dict(batch_size=cfg["batch_size"], lr=cfg["lr"] / 4, seed=seed)
+    models = {}
+    models["inject"], hist["injector"] = ldm.dreambooth_finetune(
+        generic, patches[labels == "TM"], masks, prior, cfg["finetune_steps"], "malign", **tune
+    )
+    models["remove"] = generic
+    if cfg["remover"] == "dreambooth":
+        healthy = manifest[labels == "TB"].assign(  # the attack's own mask sizes at healthy sites
+            diameter_mm=sample_tumour_diameters(
+                manifest.loc[labels == "TM", "diameter_mm"],
+                int((labels == "TB").sum()),
+                np.random.default_rng(seed),
+            )  # fmt: skip
+        )
+        hmasks = ldm.tumour_masks(healthy, size, modality, pixel_mm, cfg["ct_mask_px"],
+                                  cfg["mri_margin_mm"])  # fmt: skip
+        keep = ldm.healthy_instance(
+            patches[labels == "TB"], hmasks, modality, cfg["remover_max_hu"]
+        )
+        if not keep.any():  # e.g. a cohort without aerated healthy sites: every TB site, said so
+            log.warning("LDM remover: no healthy %s site below %s HU; using all", modality,
+                        cfg["remover_max_hu"])  # fmt: skip
+            keep[:] = True
+        models["remove"], hist["remover"] = ldm.dreambooth_finetune(
+            generic, patches[labels == "TB"][keep], hmasks[keep], prior, cfg["finetune_steps"],
+            "benign", **tune,
+        )  # fmt: skip
+    return models, hist
 
 
 def ldm_fakes(
