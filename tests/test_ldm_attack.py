@@ -244,3 +244,11 @@ def test_fit_ldm_names_a_bad_remover_before_training():
     with pytest.raises(BTDConfigError, match="ldm_remover"):
         fit_ldm(np.zeros((2, 1, P, P), np.float32), _sites(2, "TB"), "ct", 1.0,
                 {"remover": "stock"}, 0)  # fmt: skip
+
+
+def test_diff_sets_switch_names_the_parameter():
+    from btd.pipeline.deepfakes import diff_sets_enabled
+
+    assert diff_sets_enabled("make") and not diff_sets_enabled("skip")
+    with pytest.raises(BTDConfigError, match="deepfakes.diff_sets"):
+        diff_sets_enabled("false")

@@ -171,3 +171,18 @@ def test_realism_stats_known_answer():
     assert abs(stats.loc["real", "mean_in"] - 0.3) < 0.02
     assert abs(stats.loc["real", "noise_ratio"] - 1.0) < 0.25  # same noise in and out
     assert stats.loc["fake", "noise_ratio"] < 0.6 * stats.loc["real", "noise_ratio"]
+
+
+def test_load_testsets_requires_the_paper_sets_and_takes_the_extras_that_exist(
+    tmp_path, injection_set
+):
+    from btd.pipeline.score import load_testsets
+    from btd.scenarios import PAPER_SCENARIOS
+
+    images, masks, meta = injection_set
+    for name in PAPER_SCENARIOS + ("LDM-CT-Inject-Paste",):
+        write_testset(tmp_path / name, images, masks, meta)
+    assert list(load_testsets(tmp_path)) == [*PAPER_SCENARIOS, "LDM-CT-Inject-Paste"]  # no DIFF
+    (tmp_path / "LDM-MRI-Remove" / "images.npy").unlink()
+    with pytest.raises(BTDInputError, match="LDM-MRI-Remove"):
+        load_testsets(tmp_path)

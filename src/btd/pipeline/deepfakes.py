@@ -384,6 +384,16 @@ def requantise(
     return out
 
 
+DIFF_SETS = ("make", "skip")
+
+
+def diff_sets_enabled(value: str) -> bool:
+    """`deepfakes.diff_sets` -> whether the optional DIFF-* sets are made ('make' | 'skip')."""
+    if value not in DIFF_SETS:
+        raise BTDConfigError("deepfakes.diff_sets", f"must be 'make' or 'skip', got {value!r}")
+    return value == "make"
+
+
 def build_testsets(
     holdout: dict[str, tuple[np.ndarray, pd.DataFrame]],
     val: dict[str, tuple[np.ndarray, pd.DataFrame]],
@@ -399,7 +409,8 @@ def build_testsets(
 
     CT injections go into aerated lung only. Every fake is written in the scanner's stored type
     (CT-GAN tampers the int16 volume itself; the in-painted fakes are re-quantised), so fakes and
-    reals share one value grid. The LDM and DIFF attackers in-paint the same sites. `cfg`:
+    reals share one value grid. The LDM and DIFF attackers in-paint the same sites; `attackers`
+    holds the DIFF models of the modalities whose DIFF sets are made (empty: none). `cfg`:
     n_per_class, ct_mask_px, mri_margin_mm, jumps, jump_length, inject_cond_scale, ldm_guidance
     ({modality: {attack: scale}}, from `choose_guidance`), ldm_sample_steps. Without `ldm_models`
     the LDM sets are left out.
@@ -426,18 +437,19 @@ def build_testsets(
             patches, man = holdout[m]
             sites = attacker_sites(holdout[m], scans[m], m, attack, n, seed)
             train_d = val[m][1].query("label == 'TM'")["diameter_mm"].to_numpy()
-            t0 = time.perf_counter()
-            images, masks, meta = diff.make_diffusion_fakes(
-                attackers[m], patches[sites.index.to_numpy()], sites.reset_index(drop=True),
-                attack, m, pixel_mm[m], train_d, ct_mask_px=cfg["ct_mask_px"],
-                mri_margin_mm=cfg["mri_margin_mm"], seed=seed, jumps=cfg["jumps"],
-                jump_length=cfg["jump_length"],
-                cond_scale=cfg["inject_cond_scale"] if attack == "inject" else 1.0,
-            )  # fmt: skip
-            clock("DIFF", t0)
-            images = requantise(images, sites.reset_index(drop=True), m, scans[m])
-            name = scenario_name("DIFF", m, attack)
-            testsets[name] = scenario_testset(name, holdout[m], (images, masks, meta), n, seed)
+            if m in attackers:  # the DIFF sets are optional (deepfakes.diff_sets)
+                t0 = time.perf_counter()
+                images, masks, meta = diff.make_diffusion_fakes(
+                    attackers[m], patches[sites.index.to_numpy()], sites.reset_index(drop=True),
+                    attack, m, pixel_mm[m], train_d, ct_mask_px=cfg["ct_mask_px"],
+                    mri_margin_mm=cfg["mri_margin_mm"], seed=seed, jumps=cfg["jumps"],
+                    jump_length=cfg["jump_length"],
+                    cond_scale=cfg["inject_cond_scale"] if attack == "inject" else 1.0,
+                )  # fmt: skip
+                clock("DIFF", t0)
+                images = requantise(images, sites.reset_index(drop=True), m, scans[m])
+                name = scenario_name("DIFF", m, attack)
+                testsets[name] = scenario_testset(name, holdout[m], (images, masks, meta), n, seed)
             if ldm_models is None:
                 continue
             t0 = time.perf_counter()

@@ -38,8 +38,13 @@ SCORE_COLUMNS = [
 ]
 
 
-def load_testsets(folder: str | Path, scenarios: tuple[str, ...] = SCENARIOS) -> dict[str, tuple]:
-    """(images, masks, meta) of every scenario written by the deepfakes stage."""
+def load_testsets(folder: str | Path, scenarios: tuple[str, ...] | None = None) -> dict[str, tuple]:
+    """(images, masks, meta) of `scenarios`, each required; by default the paper's six (required)
+    and every extra scenario the deepfakes stage wrote (the DIFF sets are optional)."""
+    if scenarios is None:
+        scenarios = PAPER_SCENARIOS + tuple(
+            s for s in SCENARIOS if s not in PAPER_SCENARIOS and (Path(folder) / s).is_dir()
+        )
     return {s: load_testset(Path(folder) / s) for s in scenarios}
 
 
