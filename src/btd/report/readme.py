@@ -526,6 +526,8 @@ def render_benchmarks(root: Path) -> str:
         ("sampler_study.json", "Timestep sampler study (`benchmarks/sampler_study.py`)", sampler_markdown),
         ("recipe_curves_ct.json", "DDPM recipes on validation LDM fakes, CT (`benchmarks/recipe_curves.py`)",
          recipe_markdown),
+        ("recipe_curves_mri.json", "DDPM recipes on validation LDM fakes, MRI (`benchmarks/recipe_curves.py`)",
+         recipe_markdown),
         ("cross_dispatch.json", "Two SIMD dispatch settings, same seed (`benchmarks/cross_dispatch.py`)",
          cross_dispatch_markdown),
     ):  # fmt: skip
