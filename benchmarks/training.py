@@ -44,7 +44,7 @@ def profile_config(name: str, device: str, steps: int) -> TrainConfig:
         attn_dim_head=int(d["attn_dim_head"]),
         batch_size=int(d["batch_size"]),
         lr=float(d["lr"]),
-        timestep_sampler=str(d["timestep_sampler"]),
+        timestep_sampler=str(d["ct_timestep_sampler"]),
         steps=steps,
         val_every=10**9,
         ckpt_every=10**9,

@@ -153,11 +153,12 @@ def test_trainconfig_and_cli_defaults_are_the_default_profile(tmp_path: Path) ->
 
     ddpm, runtime = PARAMS["ddpm"], PARAMS["runtime"]
     cfg = TrainConfig()
-    for key in ("dim", "attn_heads", "attn_dim_head", "batch_size", "steps", "lr", "ema_decay",
-                "timestep_sampler"):  # fmt: skip
+    for key in ("dim", "attn_heads", "attn_dim_head", "batch_size", "steps", "lr", "ema_decay"):
         assert getattr(cfg, key) == ddpm[key], (
             f"TrainConfig.{key} = {getattr(cfg, key)!r}, params {ddpm[key]!r}"
         )
+    # a bare `btd train` trains a CT-sized model, so it takes CT's sampler (as it takes CT's window)
+    assert cfg.timestep_sampler == ddpm["ct_timestep_sampler"]
     assert cfg.dim_mults == tuple(parse_list(ddpm["dim_mults"], "ddpm.dim_mults", int))
     assert cfg.image_size == PARAMS["data"]["ct"]["patch_size"]
     for key in ("val_every", "ckpt_every", "device"):
@@ -174,3 +175,20 @@ def test_trainconfig_and_cli_defaults_are_the_default_profile(tmp_path: Path) ->
 
 
 DEFAULT_WINDOW = PARAMS["detect"]["ct_window"]
+
+
+@pytest.mark.parametrize("modality", ["ct", "mri"])
+def test_each_detector_trains_with_its_own_modalitys_sampler(modality: str) -> None:
+    """The timestep sampler is chosen per modality: each train_ddpm item passes its own key, and a
+    bad value fails naming that key (not TrainConfig's field)."""
+    from btd.pipeline import train_ddpm as stage
+
+    item = DVC["stages"]["train_ddpm"]["foreach"][modality]
+    assert item["sampler"] == f"${{ddpm.{modality}_timestep_sampler}}"
+    assert f"ddpm.{modality}_timestep_sampler" in DVC["stages"]["train_ddpm"]["do"]["params"]
+    flat = dict(image_size=16, seed=0, modality=modality, dim=8, dim_mults="1,2", attn_heads=1,
+                attn_dim_head=8, batch_size=2, steps=2, lr=1e-3, ema_decay=0.9)  # fmt: skip
+    sampler = PARAMS["ddpm"][f"{modality}_timestep_sampler"]
+    assert stage.train_config(**flat, timestep_sampler=sampler).timestep_sampler == sampler
+    with pytest.raises(BTDConfigError, match=rf"ddpm\.{modality}_timestep_sampler"):
+        stage.train_config(**flat, timestep_sampler="bogus")

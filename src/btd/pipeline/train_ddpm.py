@@ -20,10 +20,19 @@ from btd.scenarios import BENIGN_LABEL
 log = logging.getLogger(__name__)
 
 
-def train_config(image_size: int, seed: int, **kw) -> TrainConfig:
-    """A TrainConfig from the flat papermill parameters (dim_mults arrives as '1,2,4')."""
+def train_config(image_size: int, seed: int, modality: str = "ct", **kw) -> TrainConfig:
+    """A TrainConfig from the flat papermill parameters (dim_mults arrives as '1,2,4').
+
+    The timestep sampler is chosen per modality (params.yaml `ddpm.<modality>_timestep_sampler`),
+    so a bad one is reported under that key, not TrainConfig's field name.
+    """
     kw["dim_mults"] = tuple(parse_list(kw["dim_mults"], "ddpm.dim_mults", int))
-    return TrainConfig(image_size=image_size, seed=seed, **kw).validate()
+    try:
+        return TrainConfig(image_size=image_size, seed=seed, **kw).validate()
+    except BTDConfigError as exc:
+        if exc.field != "timestep_sampler":
+            raise
+        raise BTDConfigError(f"ddpm.{modality}_timestep_sampler", exc.problem) from None
 
 
 def train_or_resume(
