@@ -151,6 +151,15 @@ def test_score_control_and_btd_plus_rows(detector, tmp_path) -> None:
     refs = score.benign_references({"ct": detector}, tmp_path, {"ct": 4})
     assert set(refs) == {("ct", "inject"), ("ct", "remove")}
     assert len(refs[("ct", "inject")]["energy"]) == 12
+    # TM rows are the even ones (scanner a), TB the odd ones (scanner b); three patients each
+    counts = score.reference_counts(refs, min_count=12)
+    assert counts.to_dict("records") == [
+        {"modality": "ct", "attack": "inject", "scanner": "a", "val_patients": 3,
+         "benign_patches": 12, "reference": "own"},
+        {"modality": "ct", "attack": "remove", "scanner": "b", "val_patients": 3,
+         "benign_patches": 12, "reference": "own"},
+    ]  # fmt: skip
+    assert set(score.reference_counts(refs, min_count=13)["reference"]) == {"pooled"}
     rows = score.btd_plus_all({"DIFF-CT-Inject": (images, None, meta)}, {"ct": detector}, refs,
                               {"ct": 4})  # fmt: skip
     assert set(rows["method"]) == {"BTD+ two-sided", "BTD+ scanner", "BTD+ self-ref",

@@ -13,7 +13,7 @@ from btd.attacks.testsets import VALIDATION_DIR, load_testset
 from btd.data.dataset import load_patch_dataset
 from btd.detect.btd import score as btd_score
 from btd.detect.control import laplacian_score
-from btd.detect.plus import VARIANTS, residual_statistics, tail_score
+from btd.detect.plus import MIN_COUNT, VARIANTS, residual_statistics, tail_score
 from btd.errors import BTDInputError
 from btd.evaluate.metrics import auc
 from btd.scenarios import (
@@ -177,8 +177,30 @@ def benign_references(
                 "ratio": ratio,
                 "control": control_reference(images, attack, windows[m]),
                 "scanner": man.loc[sel, "scanner"].to_numpy(),
+                "patient": man.loc[sel, "patient"].to_numpy(),
             }  # fmt: skip
     return out
+
+
+def reference_counts(
+    references: dict[tuple[str, str], dict[str, np.ndarray]], min_count: int = MIN_COUNT
+) -> pd.DataFrame:
+    """What each scanner's BTD+ reference rests on: validation patients and benign patches, and
+    whether it is the scanner's own (>= `min_count` patches) or the pooled one.
+
+    Patches of one patient share dose and anatomy, so a reference from two patients is two draws of
+    a scanner, however many patches it holds: this is what the calibration check is read against.
+    """
+    rows = []
+    for (m, attack), ref in references.items():
+        scanners, patients = np.asarray(ref["scanner"]), np.asarray(ref["patient"])
+        for scanner in sorted(set(scanners)):
+            sel = scanners == scanner
+            rows.append({"modality": m, "attack": attack, "scanner": scanner,
+                         "val_patients": int(len(set(patients[sel]))),
+                         "benign_patches": int(sel.sum()),
+                         "reference": "own" if sel.sum() >= min_count else "pooled"})  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def btd_plus_all(
