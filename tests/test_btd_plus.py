@@ -82,3 +82,14 @@ def test_injection_reference_without_centres_reads_the_centre_window_not_the_pat
     energy, _ = residual_statistics(maps, 2, "inject")
     assert np.allclose(energy, 4.0) and np.allclose(energy, window_scores(maps, 2))
     assert not np.allclose(energy, window_scores(maps))
+
+
+def test_own_reference_rule_is_inclusive_and_checks_min_count():
+    """A scanner with exactly min_count benign samples gets its own reference; one fewer does not."""
+    from btd.detect.plus import has_own_reference
+
+    assert has_own_reference(MIN_COUNT) and not has_own_reference(MIN_COUNT - 1)
+    assert has_own_reference(3, min_count=3) and not has_own_reference(2, min_count=3)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(BTDInputError, match="min_count"):
+            has_own_reference(5, min_count=bad)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from btd import profiles
+from btd.detect.plus import MIN_COUNT
 from btd.errors import BTDConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,6 +173,8 @@ def test_trainconfig_and_cli_defaults_are_the_default_profile(tmp_path: Path) ->
     assert config.steps == ddpm["steps"] and config.lr == ddpm["lr"]
     args = cli.build_parser().parse_args(["calibrate", "--checkpoint", "c", "--patches", "p"])
     assert args.target_fpr == PARAMS["detect"]["target_fpr"] and args.window == DEFAULT_WINDOW
+    # one rule for a scanner's own BTD+ reference: params, the library and the CLI agree
+    assert args.min_count == PARAMS["detect"]["min_scanner_count"] == MIN_COUNT
 
 
 DEFAULT_WINDOW = PARAMS["detect"]["ct_window"]

@@ -26,6 +26,9 @@ from btd.errors import BTDConfigError, BTDError, BTDInputError
 from btd.scenarios import ATTACKS
 
 DEFAULT_WINDOW = 16  # params.yaml detect.ct_window: the paper's 32 px at 0.7 mm, at 1.4 mm pixels
+MIN_SCANNER_COUNT = (
+    20  # params.yaml detect.min_scanner_count (btd.detect.plus.MIN_COUNT, no import)
+)
 RAW = argparse.RawDescriptionHelpFormatter
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 EXIT_INTERNAL = 1
@@ -550,6 +553,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                 args.target_fpr,
                 args.score,
                 batch_size=args.batch_size,
+                min_count=args.min_count,
             )
         path = score_calibration_path(args.checkpoint, task, args.score)
         path = cal.save(path, checkpoint=args.checkpoint)
@@ -607,6 +611,12 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         "--split", default="val", choices=("train", "val", "holdout"), help="(default val)"
     )
     p.add_argument("--batch-size", type=_positive_int, default=64, help="patches per model call")
+    p.add_argument(
+        "--min-count",
+        type=_positive_int,
+        default=MIN_SCANNER_COUNT,
+        help="BTD+: benign patches a scanner needs for its own reference, else pooled (20)",
+    )
     _add_score_option(p)
     _add_device(p)
     p.set_defaults(func=_calibrate)

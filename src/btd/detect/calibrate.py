@@ -416,7 +416,7 @@ def fit_plus(
 ) -> Calibration:
     """A BTD+ calibration: the sorted benign statistic (pooled, and per scanner where a scanner
     has >= `min_count` samples, btd.detect.plus.MIN_COUNT by default) and the tail threshold."""
-    from btd.detect.plus import MIN_COUNT
+    from btd.detect.plus import MIN_COUNT, has_own_reference
 
     if score not in SCORES[1:]:
         raise BTDConfigError("score", f"must be one of {SCORES[1:]}, got {score!r}")
@@ -431,7 +431,7 @@ def fit_plus(
             raise BTDInputError("scanners", "one scanner name per benign score")
         for g in sorted(set(groups.tolist())):
             own = x[groups == g]
-            if own.size >= min_count:
+            if has_own_reference(own.size, min_count):
                 per[g] = sorted(float(v) for v in own)
             else:
                 small.append(f"{g} ({own.size})")
@@ -460,7 +460,10 @@ def plus_reference(cal: Calibration, scanner: str | None) -> tuple[np.ndarray, s
     calibration has one for `scanner` (only scanners with >= min_count samples are stored),
     else the pooled one; also the scanner used (None = pooled)."""
     per = cal.scanner_references or {}
-    if scanner is not None and scanner in per and len(per[scanner]) >= (cal.min_count or 1):
+    from btd.detect.plus import has_own_reference
+
+    own = scanner is not None and scanner in per
+    if own and has_own_reference(len(per[scanner]), cal.min_count or 1):
         return np.asarray(per[scanner], dtype=np.float64), scanner
     return np.asarray(cal.reference, dtype=np.float64), None
 

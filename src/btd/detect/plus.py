@@ -22,8 +22,19 @@ import numpy as np
 from btd.detect.btd import check_window, window_origin, window_scores
 from btd.errors import BTDInputError
 
-MIN_COUNT = 20  # benign samples a scanner needs for its own distribution (else: pooled)
+MIN_COUNT = 20  # params.yaml detect.min_scanner_count: benign samples a scanner needs for its own
+# distribution (else: pooled); the library's and `btd calibrate --min-count`'s default
 VARIANTS = ("BTD+ two-sided", "BTD+ scanner", "BTD+ self-ref")
+
+
+def has_own_reference(n_benign: int, min_count: int = MIN_COUNT) -> bool:
+    """The one rule for whether a scanner's benign samples form its own reference (else: pooled).
+
+    Scoring, calibration and the reference table all ask this, so they cannot disagree.
+    """
+    if isinstance(min_count, bool) or not isinstance(min_count, int | np.integer) or min_count < 1:
+        raise BTDInputError("min_count", f"must be a positive integer, got {min_count!r}")
+    return int(n_benign) >= int(min_count)
 
 
 def two_sided_tail(values: np.ndarray, benign: np.ndarray) -> np.ndarray:
@@ -65,7 +76,7 @@ def tail_score(
     out = -np.log10(two_sided_tail(values, benign))  # pooled fallback
     for g in np.unique(groups):
         own = benign[benign_groups == g]
-        if own.size >= min_count:
+        if has_own_reference(own.size, min_count):
             sel = groups == g
             out[sel] = -np.log10(two_sided_tail(values[sel], own))
     return out

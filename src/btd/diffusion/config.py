@@ -37,7 +37,7 @@ class TrainConfig:
     #: Min-SNR loss weighting (Hang et al. 2023, the library's `min_snr_loss_weight`) with this
     #: gamma; 0 = off (the paper's plain loss). For pred_noise it DOWN-weights small t.
     min_snr_gamma: float = 0.0
-    val_every: int = 50
+    val_every: int = 100
     ckpt_every: int = 500
     seed: int = 0
     device: str = "cpu"

@@ -13,7 +13,13 @@ from btd.attacks.testsets import VALIDATION_DIR, load_testset
 from btd.data.dataset import load_patch_dataset
 from btd.detect.btd import score as btd_score
 from btd.detect.control import laplacian_score
-from btd.detect.plus import MIN_COUNT, VARIANTS, residual_statistics, tail_score
+from btd.detect.plus import (
+    MIN_COUNT,
+    VARIANTS,
+    has_own_reference,
+    residual_statistics,
+    tail_score,
+)
 from btd.errors import BTDInputError
 from btd.evaluate.metrics import auc
 from btd.scenarios import (
@@ -199,7 +205,7 @@ def reference_counts(
             rows.append({"modality": m, "attack": attack, "scanner": scanner,
                          "val_patients": int(len(set(patients[sel]))),
                          "benign_patches": int(sel.sum()),
-                         "reference": "own" if sel.sum() >= min_count else "pooled"})  # fmt: skip
+                         "reference": "own" if has_own_reference(sel.sum(), min_count) else "pooled"})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -208,9 +214,11 @@ def btd_plus_all(
     detectors: dict[str, object],
     references: dict[tuple[str, str], dict[str, np.ndarray]],
     windows: dict[str, int],
+    min_count: int = MIN_COUNT,
 ) -> pd.DataFrame:
     """Every BTD+ variant (btd.detect.plus) on every scenario, in the score table's format, and the
-    Laplacian control read the same two-sided way (`CONTROL_TWO_SIDED`, its matched floor)."""
+    Laplacian control read the same two-sided way (`CONTROL_TWO_SIDED`, its matched floor).
+    `min_count` is the per-scanner rule of the scanner-aware variants (`has_own_reference`)."""
     frames = []
     for scenario, (images, _, meta) in tqdm(testsets.items(), desc="BTD+ scoring"):
         m, attack = modality_of(scenario), attack_of(scenario)
@@ -219,8 +227,8 @@ def btd_plus_all(
         ref, scanners = references[(m, attack)], meta["scanner"].to_numpy()
         variants = dict(zip(VARIANTS, (  # two-sided, scanner, self-ref
             tail_score(energy, ref["energy"]),
-            tail_score(energy, ref["energy"], scanners, ref["scanner"]),
-            tail_score(ratio, ref["ratio"], scanners, ref["scanner"]),
+            tail_score(energy, ref["energy"], scanners, ref["scanner"], min_count),
+            tail_score(ratio, ref["ratio"], scanners, ref["scanner"], min_count),
         ), strict=True))  # fmt: skip
         frames += [tidy(name, scenario, meta, s) for name, s in variants.items()]
         if "control" in ref:
