@@ -1,0 +1,78 @@
+"""LDM attack success on validation sites against the DreamBooth fine-tune length, side by side.
+
+The MRI attacks miss the issue's 0.8 attack-success target; the next lever the CPU budget allows is
+longer DreamBooth fine-tunes (injector: malignant patches; remover: healthy ones). This fits the LDM
+attacker of one modality on the validation patients (the attacker's own, as the deepfakes stage
+does) once per fine-tune length, with every other setting from params.yaml, and runs the stage's
+guidance study on validation sites with the stage's tumour classifier (trained on train patients).
+The test sets play no part. Run from the repo root after `dvc repro preprocess`, alone:
+
+    python benchmarks/ldm_finetune_steps.py --modality mri --finetune-steps 250,500
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import yaml
+
+from btd import runinfo
+from btd.atomic import write_json
+from btd.attacks.testsets import TumourClassifier
+from btd.data.dataset import load_patch_dataset
+from btd.data.scans import load_scans
+from btd.params import parse_list
+from btd.pipeline import deepfakes as stage
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ldm_finetune_steps.json"
+
+
+def _split(patches, man, name):
+    rows = man[man["split"] == name]
+    return patches[rows.index.to_numpy()], rows.reset_index(drop=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modality", default="mri", choices=("ct", "mri"))
+    ap.add_argument("--finetune-steps", default="250,500")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    p = yaml.safe_load(Path("params.yaml").read_text())["deepfakes"]
+    seed, m = 0, args.modality
+    ints = lambda key: parse_list(p[key], key, int)  # noqa: E731
+    base = dict(ae_data=p["ldm_ae_data"], ae_channels=ints("ldm_ae_channels"),
+                ae_steps=p["ldm_ae_steps"], unet_channels=ints("ldm_unet_channels"),
+                unet_steps=p["ldm_unet_steps"], batch_size=p["ldm_batch_size"], lr=p["ldm_lr"],
+                ct_mask_px=p["ct_mask_px"], mri_margin_mm=p["mri_margin_mm"],
+                remover=p["ldm_remover"], remover_max_hu=p["ldm_remover_max_hu"])  # fmt: skip
+    scfg = dict(ldm_sites=p["ldm_guidance_sites"], ct_mask_px=p["ct_mask_px"],
+                mri_margin_mm=p["mri_margin_mm"], ldm_sample_steps=p["ldm_sample_steps"])  # fmt: skip
+    grid = parse_list(p["ldm_guidance_grid"], "ldm_guidance_grid", float)
+    patches, man = load_patch_dataset(Path("data/processed") / m)
+    scans = {s.patient: s for s in load_scans(Path("data/scans") / m)}
+    pixel_mm = next(iter(scans.values())).spacing[1]
+    (vp, vm), (tp, tman) = _split(patches, man, "val"), _split(patches, man, "train")
+    clf = TumourClassifier(seed=seed)
+    clf.fit(tp, tman["label"].tolist(), epochs=p["classifier_epochs"])
+    results = {}
+    for steps in parse_list(args.finetune_steps, "--finetune-steps", int):
+        t0 = time.perf_counter()
+        models, _ = stage.fit_ldm(vp, vm, m, pixel_mm, base | {"finetune_steps": steps}, seed)
+        fit_s = time.perf_counter() - t0
+        study, _ = stage.ldm_guidance_study(
+            {m: models}, {m: (vp, vm)}, {m: scans}, {m: clf}, grid, scfg, seed
+        )
+        print(f"finetune {steps}: fit {fit_s:.0f} s\n{study.round(3).to_string()}", flush=True)
+        results[str(steps)] = {"fit_seconds": round(fit_s, 1),
+                               "study": study.to_dict(orient="records")}  # fmt: skip
+    report = {"cpu": runinfo.cpu_model(), "modality": m, "params": base,
+              "results": results}  # fmt: skip
+    write_json(args.out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
