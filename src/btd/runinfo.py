@@ -61,7 +61,7 @@ class Runtime:
     threads: int = 2
     device: str = "cpu"
     n_jobs: int = 2
-    val_every: int = 50
+    val_every: int = 100
     ckpt_every: int = 500
 
 
