@@ -8,6 +8,8 @@ guidance study on validation sites with the stage's tumour classifier (trained o
 The test sets play no part. Run from the repo root after `dvc repro preprocess`, alone:
 
     python benchmarks/ldm_finetune_steps.py --modality mri --finetune-steps 250,500
+    python benchmarks/ldm_finetune_steps.py --finetune-steps 250 --guidance-grid 7.5,10,15 \
+        --out benchmarks/results/ldm_guidance_high.json   # does injection keep rising past 7.5?
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modality", default="mri", choices=("ct", "mri"))
     ap.add_argument("--finetune-steps", default="250,500")
+    ap.add_argument("--guidance-grid", default=None, help="default: params.yaml ldm_guidance_grid")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     p = yaml.safe_load(Path("params.yaml").read_text())["deepfakes"]
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
                 remover=p["ldm_remover"], remover_max_hu=p["ldm_remover_max_hu"])  # fmt: skip
     scfg = dict(ldm_sites=p["ldm_guidance_sites"], ct_mask_px=p["ct_mask_px"],
                 mri_margin_mm=p["mri_margin_mm"], ldm_sample_steps=p["ldm_sample_steps"])  # fmt: skip
-    grid = parse_list(p["ldm_guidance_grid"], "ldm_guidance_grid", float)
+    grid_text = args.guidance_grid or p["ldm_guidance_grid"]
+    grid = parse_list(grid_text, "ldm_guidance_grid", float)
     patches, man = load_patch_dataset(Path("data/processed") / m)
     scans = {s.patient: s for s in load_scans(Path("data/scans") / m)}
     pixel_mm = next(iter(scans.values())).spacing[1]
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"finetune {steps}: fit {fit_s:.0f} s\n{study.round(3).to_string()}", flush=True)
         results[str(steps)] = {"fit_seconds": round(fit_s, 1),
                                "study": study.to_dict(orient="records")}  # fmt: skip
-    report = {"cpu": runinfo.cpu_model(), "modality": m, "params": base,
+    report = {"cpu": runinfo.cpu_model(), "modality": m, "params": base, "guidance_grid": grid,
               "results": results}  # fmt: skip
     write_json(args.out, report)
     return report
