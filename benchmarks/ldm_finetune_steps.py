@@ -31,11 +31,6 @@ from btd.pipeline import deepfakes as stage
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ldm_finetune_steps.json"
 
 
-def _split(patches, man, name):
-    rows = man[man["split"] == name]
-    return patches[rows.index.to_numpy()], rows.reset_index(drop=True)
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modality", default="mri", choices=("ct", "mri"))
@@ -55,10 +50,10 @@ def main(argv: list[str] | None = None) -> dict:
                 mri_margin_mm=p["mri_margin_mm"], ldm_sample_steps=p["ldm_sample_steps"])  # fmt: skip
     grid_text = args.guidance_grid or p["ldm_guidance_grid"]
     grid = parse_list(grid_text, "ldm_guidance_grid", float)
-    patches, man = load_patch_dataset(Path("data/processed") / m)
     scans = {s.patient: s for s in load_scans(Path("data/scans") / m)}
     pixel_mm = next(iter(scans.values())).spacing[1]
-    (vp, vm), (tp, tman) = _split(patches, man, "val"), _split(patches, man, "train")
+    vp, vm = load_patch_dataset(Path("data/processed") / m, "val")
+    tp, tman = load_patch_dataset(Path("data/processed") / m, "train")
     clf = TumourClassifier(seed=seed)
     clf.fit(tp, tman["label"].tolist(), epochs=p["classifier_epochs"])
     results = {}

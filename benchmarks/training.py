@@ -44,6 +44,7 @@ def profile_config(name: str, device: str, steps: int) -> TrainConfig:
         attn_dim_head=int(d["attn_dim_head"]),
         batch_size=int(d["batch_size"]),
         lr=float(d["lr"]),
+        ema_decay=float(d["ema_decay"]),
         timestep_sampler=str(d["ct_timestep_sampler"]),
         steps=steps,
         val_every=10**9,

@@ -21,38 +21,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from _common import machine_info, peak_rss_mb
+from training import profile_config
 
 from btd import paths
 from btd.atomic import write_json
 from btd.data.dataset import load_patch_dataset
 from btd.diffusion.train import TrainConfig, ValidationSet, resolve_device, train
-from btd.params import parse_list
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "training_precision.json"
 PRECISIONS = ("fp32", "bf16")
 
 
 def default_config(steps: int) -> TrainConfig:
-    """The default profile's CT detector recipe, without in-loop validation or checkpoints."""
-    params = yaml.safe_load((paths.ROOT / "params.yaml").read_text())
-    d = params["ddpm"]
-    return TrainConfig(
-        image_size=int(params["data"]["ct"]["patch_size"]),
-        dim=int(d["dim"]),
-        dim_mults=tuple(parse_list(str(d["dim_mults"]), "ddpm.dim_mults", int)),
-        attn_heads=int(d["attn_heads"]),
-        attn_dim_head=int(d["attn_dim_head"]),
-        batch_size=int(d["batch_size"]),
-        lr=float(d["lr"]),
-        ema_decay=float(d["ema_decay"]),
-        timestep_sampler=str(d["ct_timestep_sampler"]),
-        steps=steps,
-        val_every=10**9,
-        ckpt_every=10**9,
-        device="cpu",
-    )
+    """The default profile's CT detector recipe (`training.profile_config`), no in-loop validation."""
+    return profile_config("default", "cpu", steps)
 
 
 def cpu_has_native_bf16() -> bool:

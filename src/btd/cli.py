@@ -26,9 +26,7 @@ from btd.errors import BTDConfigError, BTDError, BTDInputError
 from btd.scenarios import ATTACKS
 
 DEFAULT_WINDOW = 16  # params.yaml detect.ct_window: the paper's 32 px at 0.7 mm, at 1.4 mm pixels
-MIN_SCANNER_COUNT = (
-    20  # params.yaml detect.min_scanner_count (btd.detect.plus.MIN_COUNT, no import)
-)
+MIN_SCANNER_COUNT = 20  # params.yaml detect.min_scanner_count = btd.detect.plus.MIN_COUNT
 RAW = argparse.RawDescriptionHelpFormatter
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 EXIT_INTERNAL = 1

@@ -459,9 +459,9 @@ def plus_reference(cal: Calibration, scanner: str | None) -> tuple[np.ndarray, s
     """The benign reference a scan reads its statistic against: the scanner's own when the
     calibration has one for `scanner` (only scanners with >= min_count samples are stored),
     else the pooled one; also the scanner used (None = pooled)."""
-    per = cal.scanner_references or {}
     from btd.detect.plus import has_own_reference
 
+    per = cal.scanner_references or {}
     own = scanner is not None and scanner in per
     if own and has_own_reference(len(per[scanner]), cal.min_count or 1):
         return np.asarray(per[scanner], dtype=np.float64), scanner
