@@ -18,13 +18,7 @@ from btd.attacks import latent_inpaint as ldm
 from btd.attacks.testsets import TumourClassifier
 from btd.data.dataset import load_patch_dataset
 from btd.data.scans import load_scans
-from btd.params import parse_list
 from btd.pipeline import deepfakes as stage
-
-
-def _split(patches, man, name):
-    rows = man[man["split"] == name]
-    return patches[rows.index.to_numpy()], rows.reset_index(drop=True)
 
 
 def main() -> None:
@@ -36,22 +30,14 @@ def main() -> None:
         return orig(generic, *a, **k)
 
     ldm.dreambooth_finetune = spy
-    ints = lambda key: parse_list(p[key], key, int)  # noqa: E731
-    cfg = dict(ae_data=p["ldm_ae_data"], ae_channels=ints("ldm_ae_channels"),
-               ae_steps=p["ldm_ae_steps"], unet_channels=ints("ldm_unet_channels"),
-               unet_steps=p["ldm_unet_steps"], finetune_steps=p["ldm_finetune_steps"],
-               batch_size=p["ldm_batch_size"], lr=p["ldm_lr"], ct_mask_px=p["ct_mask_px"],
-               mri_margin_mm=p["mri_margin_mm"], remover="dreambooth",
-               remover_max_hu=p["ldm_remover_max_hu"])  # fmt: skip
-    scfg = dict(ldm_sites=p["ldm_guidance_sites"], ct_mask_px=p["ct_mask_px"],
-                mri_margin_mm=p["mri_margin_mm"], ldm_sample_steps=p["ldm_sample_steps"])  # fmt: skip
-    grid = parse_list(p["ldm_guidance_grid"], "ldm_guidance_grid", float)
+    cfg = stage.ldm_config(p) | {"remover": "dreambooth"}  # the generic remover is captured above
+    grid, scfg = stage.ldm_search_config(p)
     out = {}
     for m in ("ct", "mri"):
-        patches, man = load_patch_dataset(Path("data/processed") / m)
         scans = {s.patient: s for s in load_scans(Path("data/scans") / m)}
         pixel_mm = next(iter(scans.values())).spacing[1]
-        (vp, vm), (tp, tman) = _split(patches, man, "val"), _split(patches, man, "train")
+        vp, vm = load_patch_dataset(Path("data/processed") / m, "val")
+        tp, tman = load_patch_dataset(Path("data/processed") / m, "train")
         t0 = time.perf_counter()
         models, _ = stage.fit_ldm(vp, vm, m, pixel_mm, cfg, seed)
         fit_s = time.perf_counter() - t0

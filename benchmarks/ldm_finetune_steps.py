@@ -10,6 +10,8 @@ The test sets play no part. Run from the repo root after `dvc repro preprocess`,
     python benchmarks/ldm_finetune_steps.py --modality mri --finetune-steps 250,500
     python benchmarks/ldm_finetune_steps.py --finetune-steps 250 --guidance-grid 7.5,10,15 \
         --out benchmarks/results/ldm_guidance_high.json   # does injection keep rising past 7.5?
+    python benchmarks/ldm_finetune_steps.py --finetune-steps 250 --set mri_margin_mm=4 \
+        --out benchmarks/results/ldm_mri_margin.json   # a wider MRI mask (the attacker's choice)
 """
 
 from __future__ import annotations
@@ -31,25 +33,35 @@ from btd.pipeline import deepfakes as stage
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ldm_finetune_steps.json"
 
 
+def overrides(items: list[str]) -> dict:
+    """`--set KEY=VALUE` pairs as a dict (values read as YAML); a key params.yaml lacks is an error."""
+    known = yaml.safe_load(Path("params.yaml").read_text())["deepfakes"]
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(
+                f"--set {item!r}: expected KEY=VALUE with KEY a params.yaml deepfakes key"
+            )
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modality", default="mri", choices=("ct", "mri"))
     ap.add_argument("--finetune-steps", default="250,500")
     ap.add_argument("--guidance-grid", default=None, help="default: params.yaml ldm_guidance_grid")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a params.yaml deepfakes key, e.g. mri_margin_mm=4")  # fmt: skip
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
-    p = yaml.safe_load(Path("params.yaml").read_text())["deepfakes"]
+    p = yaml.safe_load(Path("params.yaml").read_text())["deepfakes"] | overrides(args.set)
     seed, m = 0, args.modality
-    ints = lambda key: parse_list(p[key], key, int)  # noqa: E731
-    base = dict(ae_data=p["ldm_ae_data"], ae_channels=ints("ldm_ae_channels"),
-                ae_steps=p["ldm_ae_steps"], unet_channels=ints("ldm_unet_channels"),
-                unet_steps=p["ldm_unet_steps"], batch_size=p["ldm_batch_size"], lr=p["ldm_lr"],
-                ct_mask_px=p["ct_mask_px"], mri_margin_mm=p["mri_margin_mm"],
-                remover=p["ldm_remover"], remover_max_hu=p["ldm_remover_max_hu"])  # fmt: skip
-    scfg = dict(ldm_sites=p["ldm_guidance_sites"], ct_mask_px=p["ct_mask_px"],
-                mri_margin_mm=p["mri_margin_mm"], ldm_sample_steps=p["ldm_sample_steps"])  # fmt: skip
-    grid_text = args.guidance_grid or p["ldm_guidance_grid"]
-    grid = parse_list(grid_text, "ldm_guidance_grid", float)
+    base = stage.ldm_config(p)
+    grid, scfg = stage.ldm_search_config(
+        p | ({"ldm_guidance_grid": args.guidance_grid} if args.guidance_grid else {})
+    )
     scans = {s.patient: s for s in load_scans(Path("data/scans") / m)}
     pixel_mm = next(iter(scans.values())).spacing[1]
     vp, vm = load_patch_dataset(Path("data/processed") / m, "val")
@@ -68,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[str(steps)] = {"fit_seconds": round(fit_s, 1),
                                "study": study.to_dict(orient="records")}  # fmt: skip
     report = {"cpu": runinfo.cpu_model(), "modality": m, "params": base, "guidance_grid": grid,
-              "results": results}  # fmt: skip
+              "overrides": overrides(args.set), "results": results}  # fmt: skip
     write_json(args.out, report)
     return report
 

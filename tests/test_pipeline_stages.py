@@ -294,3 +294,24 @@ def test_validation_auc_and_the_plus_variant_choice(tmp_path) -> None:
 
     text = reading.validation_choice(val, "BTD+ two-sided")
     assert "BTD+'s default is **BTD+ two-sided**" in text and "2 LDM sets" in text
+
+
+def test_ldm_config_reads_params_yaml_deepfakes_and_names_a_missing_key() -> None:
+    """The notebook and the LDM benchmarks build the attacker from params.yaml through one function."""
+    import yaml
+
+    from btd.paths import ROOT
+
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())["deepfakes"]
+    cfg = deepfakes.ldm_config(p)
+    assert cfg["ae_channels"] == [int(c) for c in str(p["ldm_ae_channels"]).split(",")]
+    assert cfg["unet_steps"] == p["ldm_unet_steps"] and cfg["remover"] == p["ldm_remover"]
+    assert cfg["finetune_steps"] == p["ldm_finetune_steps"]
+    grid, search = deepfakes.ldm_search_config(p | {"ldm_guidance_grid": "1,7.5,15"})
+    assert grid == [1.0, 7.5, 15.0]
+    assert search == {"ldm_sites": p["ldm_guidance_sites"], "ct_mask_px": p["ct_mask_px"],
+                      "mri_margin_mm": p["mri_margin_mm"], "ldm_sample_steps": p["ldm_sample_steps"]}  # fmt: skip
+    with pytest.raises(BTDConfigError, match="deepfakes.ldm_lr"):
+        deepfakes.ldm_config({k: v for k, v in p.items() if k != "ldm_lr"})
+    with pytest.raises(BTDConfigError, match="deepfakes.ldm_guidance_grid"):
+        deepfakes.ldm_search_config(p | {"ldm_guidance_grid": "1,x"})

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,6 +33,7 @@ from btd.data.patches import extract_patch
 from btd.data.preprocess import normalize_ct, to_stored_grid
 from btd.data.records import ScanVolume
 from btd.errors import BTDConfigError
+from btd.params import parse_list
 from btd.scenarios import (
     ATTACKS,
     BENIGN_LABEL,
@@ -149,6 +152,50 @@ def fit_diffusion_attacker(
     history = diff.fit(model, patches, manifest["label"].tolist(), cfg["steps"],
                        batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, centres=centres)  # fmt: skip
     return model, history
+
+
+#: params.yaml deepfakes keys the LDM attacker (`ldm_config`) and its guidance search read
+LDM_KEYS = ("ldm_ae_data", "ldm_ae_channels", "ldm_ae_steps", "ldm_unet_channels", "ldm_unet_steps",
+            "ldm_finetune_steps", "ldm_batch_size", "ldm_lr", "ct_mask_px", "mri_margin_mm",
+            "ldm_remover", "ldm_remover_max_hu")  # fmt: skip
+LDM_SEARCH_KEYS = ("ldm_guidance_grid", "ldm_guidance_sites", "ct_mask_px", "mri_margin_mm",
+                   "ldm_sample_steps")  # fmt: skip
+
+
+def _require(deepfakes: Mapping[str, Any], keys: tuple[str, ...]) -> Mapping[str, Any]:
+    """`deepfakes` itself, or a clear error naming the first key it lacks."""
+    missing = [k for k in keys if k not in deepfakes]
+    if missing:
+        raise BTDConfigError(f"deepfakes.{missing[0]}", "missing")
+    return deepfakes
+
+
+def ldm_config(deepfakes: Mapping[str, Any]) -> dict[str, Any]:
+    """`fit_ldm`'s config from params.yaml's `deepfakes` keys (ldm_*, ct_mask_px, mri_margin_mm).
+
+    The stage notebook and the LDM benchmarks all build the attacker here, so a benchmark measures
+    the attacker the pipeline runs.
+    """
+    p = _require(deepfakes, LDM_KEYS)
+    ints = lambda key: parse_list(p[key], f"deepfakes.{key}", int)  # noqa: E731
+    return {
+        "ae_data": p["ldm_ae_data"], "ae_channels": ints("ldm_ae_channels"),
+        "ae_steps": int(p["ldm_ae_steps"]), "unet_channels": ints("ldm_unet_channels"),
+        "unet_steps": int(p["ldm_unet_steps"]), "finetune_steps": int(p["ldm_finetune_steps"]),
+        "batch_size": int(p["ldm_batch_size"]), "lr": float(p["ldm_lr"]),
+        "ct_mask_px": int(p["ct_mask_px"]), "mri_margin_mm": float(p["mri_margin_mm"]),
+        "remover": p["ldm_remover"], "remover_max_hu": float(p["ldm_remover_max_hu"]),
+    }  # fmt: skip
+
+
+def ldm_search_config(deepfakes: Mapping[str, Any]) -> tuple[list[float], dict[str, Any]]:
+    """The guidance grid and `ldm_guidance_study`'s sampling config from params.yaml's `deepfakes`."""
+    p = _require(deepfakes, LDM_SEARCH_KEYS)
+    grid = parse_list(p["ldm_guidance_grid"], "deepfakes.ldm_guidance_grid", float)
+    return grid, {
+        "ldm_sites": int(p["ldm_guidance_sites"]), "ct_mask_px": int(p["ct_mask_px"]),
+        "mri_margin_mm": float(p["mri_margin_mm"]), "ldm_sample_steps": int(p["ldm_sample_steps"]),
+    }  # fmt: skip
 
 
 def fit_ldm(
