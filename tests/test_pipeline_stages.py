@@ -121,6 +121,23 @@ def test_judge_attacks_asks_the_classifier_per_attack() -> None:
     assert set(realism["scenario"]) == set(sets)
 
 
+def test_real_success_asks_the_classifier_about_the_real_samples_only() -> None:
+    class BrightIsMalign:  # P(malign) = 1 where the patch is bright
+        def predict_proba(self, x):
+            return (x.reshape(len(x), -1).mean(1) > 0.5).astype(float)
+
+    images = np.zeros((4, 1, P, P), np.float32)
+    images[[0, 2]] = 1.0  # one bright real, one bright fake
+    masks = np.zeros((4, P, P), np.uint8)
+    meta = _meta(4, [0, 0, 1, 1])
+    sets = {"DIFF-CT-Inject": (images, masks, meta), "DIFF-CT-Remove": (images, masks, meta)}
+    rates = deepfakes.real_success(sets, {"ct": BrightIsMalign()})
+    assert rates == {"DIFF-CT-Inject": 0.5, "DIFF-CT-Remove": 0.5}
+    images[1] = 1.0  # both reals bright: injection's reals all malign, removal's none benign
+    assert deepfakes.real_success(sets, {"ct": BrightIsMalign()}) == {
+        "DIFF-CT-Inject": 1.0, "DIFF-CT-Remove": 0.0}  # fmt: skip
+
+
 # baselines ----------------------------------------------------------------------------------
 def test_baseline_losses_exclude_bookkeeping_columns() -> None:
     h = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.5], "val_loss": [1.1, 0.6],

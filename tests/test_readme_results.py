@@ -204,6 +204,9 @@ def test_attack_and_calibration_lines_known_answer():
     line = attack_line({"attack_success": {"LDM-CT-Inject": 0.95, "LDM-CT-Remove": 0.2}}, 0.8)
     assert "1 of 2 test sets reach it; below it: LDM-CT-Remove 0.20" in line
     assert attack_line({}) == ""
+    line = attack_line({"attack_success": {"LDM-CT-Remove": 0.2},
+                        "attack_success_reals": {"LDM-CT-Remove": 0.75}}, 0.8)  # fmt: skip
+    assert "LDM-CT-Remove 0.20 (its reals 0.75)" in line
     cal = pd.DataFrame({
         "method": ["BTD", "BTD", "BTD+ two-sided"], "scenario": ["a", "b", "a"],
         "target_fpr": 0.1, "test_fpr": [0.0, 0.12, 0.1], "holds": [False, True, True],

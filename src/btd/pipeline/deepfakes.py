@@ -541,3 +541,19 @@ def judge_attacks(
         )
         realism.append(realism_stats(images, masks, meta).assign(scenario=name))
     return success, pd.concat(realism)
+
+
+def real_success(
+    testsets: dict[str, tuple[np.ndarray, np.ndarray, pd.DataFrame]], classifiers: dict
+) -> dict[str, float]:
+    """`attack_success`'s rate on each set's REAL samples: how often the classifier calls a real
+    tumour malign (injection sets) or a real healthy site benign (removal sets).
+
+    This is the ceiling of "attack success" for that classifier: a fake that fools it as often as a
+    real sample of the claimed class convinces it is as good as the classifier can tell.
+    """
+    out = {}
+    for name, (images, _, meta) in testsets.items():
+        real = meta["fake"].to_numpy() == 0
+        out[name] = attack_success(classifiers[modality_of(name)], images[real], attack_of(name))
+    return out

@@ -202,8 +202,10 @@ def control_line(t1: pd.DataFrame) -> str:
 
 
 def attack_line(deepfakes_metrics: dict, target: float = 0.8) -> str:
-    """Which attacks fool the tumour classifier less often than `target` (their AUCs say less)."""
+    """Which attacks fool the tumour classifier less often than `target` (their AUCs say less), and
+    how often the classifier calls the same set's real samples the claimed class (its ceiling)."""
     success = deepfakes_metrics.get("attack_success", {})
+    reals = deepfakes_metrics.get("attack_success_reals", {})
     if not success:
         return ""
     weak = {s: v for s, v in sorted(success.items()) if v < target}
@@ -212,7 +214,10 @@ def attack_line(deepfakes_metrics: dict, target: float = 0.8) -> str:
         f"{len(success) - len(weak)} of {len(success)} test sets reach it"
     )
     if weak:
-        text += "; below it: " + ", ".join(f"{s} {v:.2f}" for s, v in weak.items())
+        text += "; below it: " + ", ".join(
+            f"{s} {v:.2f}" + (f" (its reals {reals[s]:.2f})" if s in reals else "")
+            for s, v in weak.items()
+        )
     return text + " (`metrics/deepfakes.json`)."
 
 
