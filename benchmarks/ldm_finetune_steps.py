@@ -12,6 +12,8 @@ The test sets play no part. Run from the repo root after `dvc repro preprocess`,
         --out benchmarks/results/ldm_guidance_high.json   # does injection keep rising past 7.5?
     python benchmarks/ldm_finetune_steps.py --finetune-steps 250 --set mri_margin_mm=4 \
         --out benchmarks/results/ldm_mri_margin.json   # a wider MRI mask (the attacker's choice)
+    python benchmarks/ldm_finetune_steps.py --finetune-steps 250 --negative none,opposite \
+        --out benchmarks/results/ldm_negative.json   # SD's negative prompt vs the empty one
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from btd import runinfo
@@ -52,6 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--modality", default="mri", choices=("ct", "mri"))
     ap.add_argument("--finetune-steps", default="250,500")
     ap.add_argument("--guidance-grid", default=None, help="default: params.yaml ldm_guidance_grid")
+    ap.add_argument(
+        "--negative",
+        default=None,
+        help="ldm_negative modes to study on the same fit (default: params.yaml)",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a params.yaml deepfakes key, e.g. mri_margin_mm=4")  # fmt: skip
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -73,9 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         models, _ = stage.fit_ldm(vp, vm, m, pixel_mm, base | {"finetune_steps": steps}, seed)
         fit_s = time.perf_counter() - t0
-        study, _ = stage.ldm_guidance_study(
-            {m: models}, {m: (vp, vm)}, {m: scans}, {m: clf}, grid, scfg, seed
-        )
+        negatives = (args.negative or scfg["ldm_negative"]).split(",")
+        study = pd.concat([
+            stage.ldm_guidance_study({m: models}, {m: (vp, vm)}, {m: scans}, {m: clf}, grid,
+                                     scfg | {"ldm_negative": neg}, seed)[0].assign(negative=neg)
+            for neg in negatives
+        ], ignore_index=True)  # fmt: skip
         print(f"finetune {steps}: fit {fit_s:.0f} s\n{study.round(3).to_string()}", flush=True)
         results[str(steps)] = {"fit_seconds": round(fit_s, 1),
                                "study": study.to_dict(orient="records")}  # fmt: skip

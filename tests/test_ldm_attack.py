@@ -118,6 +118,24 @@ def test_inpaint_is_seeded_and_paste_back_restores_outside(model):
         ldm.inpaint(model, imgs[:, :, :8], masks, "benign")
 
 
+def test_negative_class_is_what_guidance_steers_away_from(model):
+    """SD's negative prompt: e = e_neg + g (e_cond - e_neg); negative = condition cancels guidance."""
+    rng = np.random.default_rng(2)
+    imgs = rng.random((2, 1, P, P)).astype(np.float32)
+    masks = np.zeros((2, P, P), np.uint8)
+    masks[:, 4:12, 4:12] = 1
+    run = lambda **kw: ldm.inpaint(model, imgs, masks, "malign", sample_steps=3, seed=3, **kw)  # noqa: E731
+    plain = run(guidance=1.0)
+    np.testing.assert_allclose(run(guidance=5.0, negative="malign"), plain, atol=1e-5)
+    assert np.array_equal(run(guidance=1.0, negative="benign"), plain)  # g = 1: no guidance
+    assert not np.allclose(run(guidance=5.0, negative="benign"), run(guidance=5.0), atol=1e-4)
+    with pytest.raises(BTDInputError, match="negative"):
+        run(guidance=5.0, negative="tumour")
+    with pytest.raises(BTDConfigError, match="deepfakes.ldm_negative"):
+        ldm.make_ldm_fakes(model, imgs, pd.DataFrame(), "inject", "mri", 1.0, [4.0],
+                           negative="healthy")  # fmt: skip
+
+
 def test_save_load_round_trip(model, tmp_path):
     path = ldm.save_inpainter(tmp_path / "ldm.pt", model, {"loss": [1.0]})
     loaded = ldm.load_inpainter(path)

@@ -264,7 +264,9 @@ def test_guidance_study_runs_on_validation_sites_and_keeps_the_chosen_fakes() ->
         def predict_proba(self, x):
             return np.asarray(x).reshape(len(x), -1).mean(axis=1)
 
-    cfg = dict(ldm_sites=3, ct_mask_px=None, mri_margin_mm=1.0, ldm_sample_steps=2)
+    cfg = dict(
+        ldm_sites=3, ct_mask_px=None, mri_margin_mm=1.0, ldm_sample_steps=2, ldm_negative="none"
+    )
     study, fakes = deepfakes.ldm_guidance_study(
         {"mri": {"inject": model, "remove": model}}, {"mri": (patches, man)}, scans,
         {"mri": HalfMalign()}, [1.0, 3.0], cfg, seed=0,
@@ -327,7 +329,8 @@ def test_ldm_config_reads_params_yaml_deepfakes_and_names_a_missing_key() -> Non
     grid, search = deepfakes.ldm_search_config(p | {"ldm_guidance_grid": "1,7.5,15"})
     assert grid == [1.0, 7.5, 15.0]
     assert search == {"ldm_sites": p["ldm_guidance_sites"], "ct_mask_px": p["ct_mask_px"],
-                      "mri_margin_mm": p["mri_margin_mm"], "ldm_sample_steps": p["ldm_sample_steps"]}  # fmt: skip
+                      "mri_margin_mm": p["mri_margin_mm"], "ldm_sample_steps": p["ldm_sample_steps"],
+                      "ldm_negative": p["ldm_negative"]}  # fmt: skip
     with pytest.raises(BTDConfigError, match="deepfakes.ldm_lr"):
         deepfakes.ldm_config({k: v for k, v in p.items() if k != "ldm_lr"})
     with pytest.raises(BTDConfigError, match="deepfakes.ldm_guidance_grid"):

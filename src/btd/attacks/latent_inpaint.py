@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "btd-ldm-attacker"
 FORMAT_VERSION = 1
+#: params.yaml deepfakes.ldm_negative: what classifier-free guidance steers away from
+NEGATIVE_MODES = ("none", "opposite")
 #: a batch source: (rng, batch size) -> (images (B,1,P,P) in [0,1], masks (B,P,P), class ids (B,),
 #: the images' scaled latents (B,4,p,p))
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]
@@ -348,6 +350,7 @@ def inpaint(
     condition: str | None,
     *,
     guidance: float = 1.0,
+    negative: str | None = None,
     sample_steps: int = 50,
     seed: int = 0,
     batch_size: int = 64,
@@ -358,9 +361,15 @@ def inpaint(
     that step -- what diffusers does for 4-channel in-painting U-Nets. A 9-channel U-Net trained
     for a few CPU minutes does not yet reproduce the context on its own; with the reset, every pixel
     outside the mask is the autoencoder's round trip of the original, the trace SD leaves there.
+    `negative`: the class whose prediction guidance steers away from -- SD's negative prompt
+    ("healthy tissue" when injecting, "nodule" when removing); None: the null token (SD's empty
+    prompt). At guidance 1 neither matters (the conditional prediction alone).
     Returns the decoded patches (N, 1, P, P) in [0, 1]: every pixel is the decoder's (no overlay).
     """
     from diffusers import DDIMScheduler
+
+    if negative is not None and negative not in CLASS_OF:
+        raise BTDInputError("LDM negative class", f"{negative!r}; use one of {sorted(CLASS_OF)}")
 
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or images.shape[1:] != (1, model.patch_size, model.patch_size):
@@ -375,6 +384,7 @@ def inpaint(
     gen = torch.Generator().manual_seed(seed)
     lc, s = model.ae_config.latent_channels, model.patch_size // model.ae_config.factor
     cls_c = NULL_CLASS if condition is None else CLASS_OF[condition]
+    cls_u = NULL_CLASS if negative is None else CLASS_OF[negative]
     out = []
     for lo in tqdm(range(0, len(images), batch_size), desc="LDM in-painting", leave=False):
         img, m = images[lo : lo + batch_size], masks[lo : lo + batch_size]
@@ -385,7 +395,7 @@ def inpaint(
         guided = guidance != 1.0 and cls_c != NULL_CLASS
         classes = torch.full((len(img),), cls_c, dtype=torch.long)
         if guided:
-            classes = torch.cat([classes, torch.full_like(classes, NULL_CLASS)])
+            classes = torch.cat([classes, torch.full_like(classes, cls_u)])
             cond = tuple(torch.cat([c, c]) for c in cond)
         steps = list(ddim.timesteps)
         for i, t in enumerate(steps):
@@ -419,15 +429,27 @@ def make_ldm_fakes(
     ct_mask_px: int | None = None,
     mri_margin_mm: float = 2.0,
     guidance: float = 1.0,
+    negative: str = "none",
     sample_steps: int = 50,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
-    """The paper's masks at `manifest`'s sites, in-painted: (decoded, pasted back, masks, metadata)."""
+    """The paper's masks at `manifest`'s sites, in-painted: (decoded, pasted back, masks, metadata).
+
+    `negative` (params.yaml deepfakes.ldm_negative): 'none' guides away from the null token,
+    'opposite' from the other class (SD's negative prompt: 'healthy' when injecting, 'malignant'
+    when removing).
+    """
+    if negative not in NEGATIVE_MODES:
+        raise BTDConfigError(
+            "deepfakes.ldm_negative", f"must be one of {NEGATIVE_MODES}, got {negative!r}"
+        )
     masks, condition, meta = plan_fakes(
         patches, manifest, attack, modality, pixel_mm, train_diameters_mm,
         ct_mask_px=ct_mask_px, mri_margin_mm=mri_margin_mm, seed=seed,
     )  # fmt: skip
+    opposite = {"malign": "benign", "benign": "malign"}.get(condition)
     decoded = inpaint(model, patches, masks, condition, guidance=guidance,
+                      negative=opposite if negative == "opposite" else None,
                       sample_steps=sample_steps, seed=seed)  # fmt: skip
     return decoded, paste_back(patches, decoded, masks), masks, meta
 

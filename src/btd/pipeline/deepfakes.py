@@ -159,7 +159,7 @@ LDM_KEYS = ("ldm_ae_data", "ldm_ae_channels", "ldm_ae_steps", "ldm_unet_channels
             "ldm_finetune_steps", "ldm_batch_size", "ldm_lr", "ct_mask_px", "mri_margin_mm",
             "ldm_remover", "ldm_remover_max_hu")  # fmt: skip
 LDM_SEARCH_KEYS = ("ldm_guidance_grid", "ldm_guidance_sites", "ct_mask_px", "mri_margin_mm",
-                   "ldm_sample_steps")  # fmt: skip
+                   "ldm_sample_steps", "ldm_negative")  # fmt: skip
 
 
 def _require(deepfakes: Mapping[str, Any], keys: tuple[str, ...]) -> Mapping[str, Any]:
@@ -195,6 +195,7 @@ def ldm_search_config(deepfakes: Mapping[str, Any]) -> tuple[list[float], dict[s
     return grid, {
         "ldm_sites": int(p["ldm_guidance_sites"]), "ct_mask_px": int(p["ct_mask_px"]),
         "mri_margin_mm": float(p["mri_margin_mm"]), "ldm_sample_steps": int(p["ldm_sample_steps"]),
+        "ldm_negative": str(p["ldm_negative"]),
     }  # fmt: skip
 
 
@@ -282,8 +283,8 @@ def ldm_fakes(
     decoded, pasted, masks, meta = ldm.make_ldm_fakes(
         models[attack], patches, sites.reset_index(drop=True), attack, modality, pixel_mm,
         train_diameters_mm, ct_mask_px=cfg["ct_mask_px"], mri_margin_mm=cfg["mri_margin_mm"],
-        guidance=cfg["ldm_guidance"][modality][attack], sample_steps=cfg["ldm_sample_steps"],
-        seed=seed,
+        guidance=cfg["ldm_guidance"][modality][attack], negative=cfg["ldm_negative"],
+        sample_steps=cfg["ldm_sample_steps"], seed=seed,
     )  # fmt: skip
     return (decoded, masks, meta), (pasted, masks, meta)
 
@@ -318,7 +319,7 @@ def ldm_guidance_study(
     An SD user turns the guidance scale until the result shows what was asked for; our attacker does
     the same with the tumour classifier (trained on train patients), on validation sites only, so the
     holdout patients the test sets come from play no part in the choice. `cfg`: ldm_sites (sites per
-    modality and attack), ct_mask_px, mri_margin_mm, ldm_sample_steps. Returns (one row per
+    modality and attack), ct_mask_px, mri_margin_mm, ldm_sample_steps, ldm_negative. Returns (one row per
     modality, attack and scale: success of the decoded and of the pasted-back fakes, n) and the
     fakes themselves ({(modality, attack, scale): (decoded, pasted)}, re-quantised as written).
     """
@@ -459,7 +460,7 @@ def build_testsets(
     reals share one value grid. The LDM and DIFF attackers in-paint the same sites; `attackers`
     holds the DIFF models of the modalities whose DIFF sets are made (empty: none). `cfg`:
     n_per_class, ct_mask_px, mri_margin_mm, jumps, jump_length, inject_cond_scale, ldm_guidance
-    ({modality: {attack: scale}}, from `choose_guidance`), ldm_sample_steps. Without `ldm_models`
+    ({modality: {attack: scale}}, from `choose_guidance`), ldm_sample_steps, ldm_negative. Without `ldm_models`
     the LDM sets are left out.
     `seconds`, if given, accumulates each attacker's generation time (CTGAN, DIFF, LDM).
     """
