@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     report = {"cpu": cpu_model(), "stage_seconds": stages, "stage_order": list(stages), "skipped": skipped,
               "total_seconds": total,
               "resumed_training_seconds": resumed,
-              "from_scratch_estimate_seconds": total + sum(resumed.values()),
+              # stages DVC skipped have no time here: no estimate rather than a short one
+              "from_scratch_estimate_seconds": None if skipped else total + sum(resumed.values()),
               "peak_rss_mb": peak_rss(rss_log), "logs": [str(p) for p in logs],
               "dvc_repro_args": extra}  # fmt: skip
     if resumed:
@@ -172,10 +173,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     write_json(args.out, report)
     for name, sec in stages.items():
         print(f"{name:>16}: {sec / 60:6.1f} min")
-    print(
-        f"{'total':>16}: {total / 60:6.1f} min; from scratch about "
-        f"{report['from_scratch_estimate_seconds'] / 60:.1f} min; peak RSS {report['peak_rss_mb']} MB"
+    est = report["from_scratch_estimate_seconds"]
+    scratch = (
+        f"from scratch about {est / 60:.1f} min"
+        if est is not None
+        else "skipped: " + ", ".join(skipped)
     )
+    print(f"{'total':>16}: {total / 60:6.1f} min; {scratch}; peak RSS {report['peak_rss_mb']} MB")
     return report
 
 
