@@ -10,7 +10,10 @@ the alternative, the patient:
 - the shift of the test reals against that reference, per scanner;
 - a patient-normalised reading: each tumour's log energy minus the median over the SAME patient's
   healthy (TB) patches, which a scan reader has; the test FPR of the pooled two-sided reading of
-  raw and normalised statistics at the validation threshold.
+  raw and normalised statistics at the validation threshold;
+- how many holdout patients the test FPR rests on: the flags' intra-patient correlation, the
+  design effect it implies, and a 95 % interval of the test FPR from resampling patients (the
+  binomial interval of the calibration check treats the 54 reals as independent draws).
 
 A diagnosis only: the test reals are read to explain a failure, nothing here is chosen on them.
 Run from the repo root after the score stage, alone (one torch job):
@@ -53,6 +56,31 @@ def fpr_at_validation_threshold(ref: np.ndarray, test: np.ndarray, target: float
     return float((tail_score(test, ref) > thr).mean())
 
 
+def flags_at_validation_threshold(ref: np.ndarray, test: np.ndarray, target: float) -> np.ndarray:
+    """Which test reals the pooled two-sided reading flags at the validation threshold."""
+    thr = np.quantile(tail_score(ref, ref), 1.0 - target)
+    return tail_score(test, ref) > thr
+
+
+def patient_clustering(flags: np.ndarray, patients: np.ndarray, seed: int = 0) -> dict:
+    """Intra-patient correlation of the flags (one-way ANOVA estimator), the design effect
+    1 + (m - 1) ICC at the mean patches per patient m, and the patient-bootstrap 95 % interval of
+    the flag rate (2,000 resamples of whole patients)."""
+    df = pd.DataFrame({"f": flags.astype(float), "p": patients})
+    g = df.groupby("p")["f"]
+    k, n, m = g.ngroups, len(df), len(df) / g.ngroups
+    msb = (g.size() * (g.mean() - df["f"].mean()) ** 2).sum() / max(k - 1, 1)
+    msw = ((df["f"] - g.transform("mean")) ** 2).sum() / max(n - k, 1)
+    icc = float((msb - msw) / (msb + (m - 1) * msw)) if msb + (m - 1) * msw > 0 else 0.0
+    rng, ids = np.random.default_rng(seed), g.size().index.to_numpy()
+    sums, sizes = g.sum().to_numpy(), g.size().to_numpy()
+    draws = rng.integers(0, k, (2000, k))
+    rates = sums[draws].sum(1) / sizes[draws].sum(1)
+    return {"patients": int(len(ids)), "patches_per_patient": round(m, 1), "icc": round(icc, 3),
+            "design_effect": round(1 + (m - 1) * max(icc, 0.0), 2),
+            "fpr_patient_bootstrap_95": [round(float(q), 3) for q in np.quantile(rates, [0.025, 0.975])]}  # fmt: skip
+
+
 def main() -> dict:
     torch.manual_seed(0)
     params = yaml.safe_load(Path("params.yaml").read_text())["detect"]
@@ -88,6 +116,9 @@ def main() -> dict:
             "mean_shift_log10_test_minus_val": shift.round(3).to_dict(),
             "test_fpr_raw": round(fpr_at_validation_threshold(ref["log_e"].to_numpy(), test["log_e"].to_numpy(), target), 3),
             "test_fpr_patient_normalised": round(fpr_at_validation_threshold(norm_ref, norm_test, target), 3),
+            "raw_reading_by_patient": patient_clustering(
+                flags_at_validation_threshold(ref["log_e"].to_numpy(), test["log_e"].to_numpy(), target),
+                test["patient"].to_numpy()),
         }  # fmt: skip
     write_json(OUT, report)
     print(yaml.safe_dump(report, sort_keys=False))

@@ -22,7 +22,6 @@ import argparse
 import time
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
 from btd import runinfo
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--negative",
         default=None,
-        help="ldm_negative modes to study on the same fit (default: params.yaml)",
+        help="ldm_negative modes to try, e.g. none,opposite (default: params.yaml)",
     )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a params.yaml deepfakes key, e.g. mri_margin_mm=4")  # fmt: skip
@@ -81,12 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         models, _ = stage.fit_ldm(vp, vm, m, pixel_mm, base | {"finetune_steps": steps}, seed)
         fit_s = time.perf_counter() - t0
-        negatives = (args.negative or scfg["ldm_negative"]).split(",")
-        study = pd.concat([
-            stage.ldm_guidance_study({m: models}, {m: (vp, vm)}, {m: scans}, {m: clf}, grid,
-                                     scfg | {"ldm_negative": neg}, seed)[0].assign(negative=neg)
-            for neg in negatives
-        ], ignore_index=True)  # fmt: skip
+        if args.negative:  # the modes the stage's search tries, on this fit
+            scfg = scfg | {"ldm_negative": stage.negative_modes(args.negative)}
+        study, _ = stage.ldm_guidance_study(
+            {m: models}, {m: (vp, vm)}, {m: scans}, {m: clf}, grid, scfg, seed
+        )
         print(f"finetune {steps}: fit {fit_s:.0f} s\n{study.round(3).to_string()}", flush=True)
         results[str(steps)] = {"fit_seconds": round(fit_s, 1),
                                "study": study.to_dict(orient="records")}  # fmt: skip

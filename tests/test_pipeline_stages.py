@@ -215,10 +215,12 @@ def test_ablation_metrics_and_explain_split() -> None:
 
 
 # deepfakes: the LDM guidance search on the attacker's own patients ---------------------------
-def _study(rows: list[tuple[str, str, float, float]]) -> pd.DataFrame:
+def _study(rows: list[tuple]) -> pd.DataFrame:
+    """Rows (modality, attack, scale, success[, negative mode: 'none' if left out])."""
     return pd.DataFrame(
-        [{"modality": m, "attack": a, "guidance": g, "success": s, "paste_success": s, "n": 10}
-         for m, a, g, s in rows]
+        [{"modality": r[0], "attack": r[1], "guidance": r[2], "success": r[3],
+          "paste_success": r[3], "negative": r[4] if len(r) > 4 else "none", "n": 10}
+         for r in rows]
     )  # fmt: skip
 
 
@@ -230,16 +232,35 @@ def test_choose_guidance_takes_the_smallest_scale_that_reaches_the_target() -> N
         ("mri", "remove", 1.0, np.nan), ("mri", "remove", 2.0, np.nan),
     ])  # fmt: skip
     study.loc[study["success"].isna(), "n"] = 0
-    chosen = deepfakes.choose_guidance(study, 0.8)
+    scales, modes = deepfakes.choose_guidance(study, 0.8)
     # reaches 0.8 first at 3; never reaches it -> the best, tie to the smaller; already at 1;
     # no validation site -> the smallest scale
-    assert chosen == {"ct": {"inject": 3.0, "remove": 2.0}, "mri": {"inject": 1.0, "remove": 1.0}}
+    assert scales == {"ct": {"inject": 3.0, "remove": 2.0}, "mri": {"inject": 1.0, "remove": 1.0}}
+    assert {modes[m][a] for m in modes for a in modes[m]} == {"none"}
     from btd.report import reading
 
-    text = reading.guidance(study, chosen, 0.8)
-    assert "CT inject 3 (0.85 on 10 val sites, reaches 0.80)" in text
-    assert "CT remove 2 (0.60 on 10 val sites, misses 0.80)" in text
-    assert "MRI remove 1 (no validation site to try on)" in text
+    text = reading.guidance(study, (scales, modes), 0.8)
+    assert "CT inject 3, negative none (0.85 on 10 val sites, reaches 0.80)" in text
+    assert "CT remove 2, negative none (0.60 on 10 val sites, misses 0.80)" in text
+    assert "MRI remove 1, negative none (no validation site to try on)" in text
+
+
+def test_choose_guidance_tries_each_negative_mode_and_prefers_the_first_on_a_tie() -> None:
+    study = _study([
+        ("mri", "remove", 1.0, 0.7, "none"), ("mri", "remove", 3.0, 0.75, "none"),
+        ("mri", "remove", 1.0, 0.7, "opposite"), ("mri", "remove", 3.0, 0.9, "opposite"),
+        ("ct", "inject", 1.0, 0.6, "none"), ("ct", "inject", 5.0, 0.8, "none"),
+        ("ct", "inject", 1.0, 0.6, "opposite"), ("ct", "inject", 5.0, 0.8, "opposite"),
+        ("ct", "remove", 1.0, 0.5, "none"), ("ct", "remove", 2.0, 0.7, "opposite"),
+    ])  # fmt: skip
+    scales, modes = deepfakes.choose_guidance(study, 0.8)
+    assert (scales["mri"]["remove"], modes["mri"]["remove"]) == (3.0, "opposite")
+    assert (scales["ct"]["inject"], modes["ct"]["inject"]) == (5.0, "none")  # tie: listed first
+    assert (scales["ct"]["remove"], modes["ct"]["remove"]) == (2.0, "opposite")  # the best
+    assert deepfakes.negative_modes("none, opposite") == ["none", "opposite"]
+    for bad in ("none,healthy", "none,none", ""):
+        with pytest.raises(BTDConfigError, match="deepfakes.ldm_negative"):
+            deepfakes.negative_modes(bad)
 
 
 def test_guidance_study_runs_on_validation_sites_and_keeps_the_chosen_fakes() -> None:
@@ -265,16 +286,23 @@ def test_guidance_study_runs_on_validation_sites_and_keeps_the_chosen_fakes() ->
             return np.asarray(x).reshape(len(x), -1).mean(axis=1)
 
     cfg = dict(
-        ldm_sites=3, ct_mask_px=None, mri_margin_mm=1.0, ldm_sample_steps=2, ldm_negative="none"
+        ldm_sites=3,
+        ct_mask_px=None,
+        mri_margin_mm=1.0,
+        ldm_sample_steps=2,
+        ldm_negative=["none", "opposite"],
     )
     study, fakes = deepfakes.ldm_guidance_study(
         {"mri": {"inject": model, "remove": model}}, {"mri": (patches, man)}, scans,
         {"mri": HalfMalign()}, [1.0, 3.0], cfg, seed=0,
     )  # fmt: skip
-    assert len(study) == 4 and set(study["guidance"]) == {1.0, 3.0}
+    assert len(study) == 8 and set(study["guidance"]) == {1.0, 3.0}
+    assert set(study["negative"]) == {"none", "opposite"}
     assert study["success"].between(0, 1).all() and (study["n"] == 3).all()
-    decoded, pasted = (s[0] for s in fakes[("mri", "inject", 3.0)])
+    decoded, pasted = (s[0] for s in fakes[("mri", "inject", "none", 3.0)])
     assert decoded.shape == (3, 1, P, P) and not np.array_equal(decoded, pasted)
+    steered = fakes[("mri", "inject", "opposite", 3.0)][0][0]
+    assert not np.array_equal(steered, decoded)  # the negative class changes what guidance does
     chosen = deepfakes.choose_guidance(study, 0.8)
     sets = deepfakes.validation_sets(fakes, chosen, {"mri": (patches, man)}, 2, seed=0)
     assert set(sets) == {"LDM-MRI-Inject", "LDM-MRI-Inject-Paste", "LDM-MRI-Remove",
@@ -330,7 +358,7 @@ def test_ldm_config_reads_params_yaml_deepfakes_and_names_a_missing_key() -> Non
     assert grid == [1.0, 7.5, 15.0]
     assert search == {"ldm_sites": p["ldm_guidance_sites"], "ct_mask_px": p["ct_mask_px"],
                       "mri_margin_mm": p["mri_margin_mm"], "ldm_sample_steps": p["ldm_sample_steps"],
-                      "ldm_negative": p["ldm_negative"]}  # fmt: skip
+                      "ldm_negative": deepfakes.negative_modes(p["ldm_negative"])}  # fmt: skip
     with pytest.raises(BTDConfigError, match="deepfakes.ldm_lr"):
         deepfakes.ldm_config({k: v for k, v in p.items() if k != "ldm_lr"})
     with pytest.raises(BTDConfigError, match="deepfakes.ldm_guidance_grid"):

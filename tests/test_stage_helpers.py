@@ -187,12 +187,16 @@ def test_attack_nps_gives_each_attacker_one_colour_in_every_panel(tmp_path) -> N
 def test_guidance_validation_and_score_figures_draw(tmp_path) -> None:
     from btd import viz
 
-    study = pd.DataFrame({"modality": ["ct"] * 2 + ["mri"] * 2, "attack": "inject",
-                          "guidance": [1.0, 3.0] * 2, "success": [0.5, 0.9, 0.4, 0.7],
-                          "paste_success": [0.5, 0.8, 0.3, 0.6]})  # fmt: skip
-    fig = viz.guidance_study(study, {"ct": {"inject": 3.0}, "mri": {"inject": 3.0}}, 0.8,
-                             tmp_path / "g.png")  # fmt: skip
-    assert [a.get_title() for a in fig.axes] == ["CT · inject", "MRI · inject"]
+    study = pd.DataFrame({"modality": ["ct"] * 4 + ["mri"] * 4, "attack": "inject",
+                          "negative": ["none", "none", "opposite", "opposite"] * 2,
+                          "guidance": [1.0, 3.0] * 4, "success": [0.5, 0.9, 0.4, 0.7] * 2,
+                          "paste_success": [0.5, 0.8, 0.3, 0.6] * 2})  # fmt: skip
+    chosen = ({"ct": {"inject": 3.0}, "mri": {"inject": 3.0}},
+              {"ct": {"inject": "none"}, "mri": {"inject": "opposite"}})  # fmt: skip
+    fig = viz.guidance_study(study, chosen, 0.8, tmp_path / "g.png")
+    assert [a.get_title() for a in fig.axes] == ["CT · inject\nchosen 3, negative none",
+                                                 "MRI · inject\nchosen 3, negative opposite"]  # fmt: skip
+    assert len(fig.axes[0].lines) == 2 * 2 + 2  # 2 modes x (decoded, pasted) + target + chosen
     val = pd.DataFrame({"method": ["BTD", "BTD+ scanner"], "scenario": "LDM-CT-Inject",
                         "auc": [0.6, 0.8]})  # fmt: skip
     fig = viz.validation_auc(val, "BTD+ scanner", tmp_path / "v.png")

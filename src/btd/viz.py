@@ -214,24 +214,32 @@ def attack_nps(spectra: pd.DataFrame, path: str | Path) -> plt.Figure:
 
 
 def guidance_study(
-    study: pd.DataFrame, chosen: dict, target: float, path: str | Path
+    study: pd.DataFrame, chosen: tuple[dict, dict], target: float, path: str | Path
 ) -> plt.Figure:
     """Attack success against the guidance scale on the attacker's own patients, one panel per
-    modality and attack; the target line and the chosen scale marked."""
+    modality and attack, one colour per negative mode (solid: decoded, dashed: pasted back); the
+    target line and the chosen setting marked."""
+    scales, modes = chosen
     keys = list(dict.fromkeys(zip(study["modality"], study["attack"], strict=True)))
+    negatives = list(dict.fromkeys(study["negative"]))
     fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 3.0), squeeze=False,
                              sharey=True)  # fmt: skip
     for ax, (mod, attack) in zip(axes[0], keys, strict=True):
-        d = study[(study["modality"] == mod) & (study["attack"] == attack)]
-        ax.plot(d["guidance"], d["success"], marker="o", label="decoded (LDM)")
-        ax.plot(d["guidance"], d["paste_success"], marker="s", ls="--", label="pasted back")
+        for i, neg in enumerate(negatives):
+            d = study[(study["modality"] == mod) & (study["attack"] == attack)
+                      & (study["negative"] == neg)]  # fmt: skip
+            ax.plot(d["guidance"], d["success"], marker="o", color=f"C{i}",
+                    label=f"decoded, negative {neg}")  # fmt: skip
+            ax.plot(d["guidance"], d["paste_success"], marker="s", ls="--", color=f"C{i}",
+                    alpha=0.6, label=f"pasted back, negative {neg}")  # fmt: skip
         ax.axhline(target, color="grey", lw=1, ls=":", label=f"target {target:g}")
-        ax.axvline(chosen[mod][attack], color="red", lw=1, label="chosen")
-        ax.set_title(f"{mod.upper()} · {attack}")
+        ax.axvline(scales[mod][attack], color="red", lw=1, label="chosen")
+        ax.set_title(f"{mod.upper()} · {attack}\nchosen {scales[mod][attack]:g}, "
+                     f"negative {modes[mod][attack]}", fontsize=9)  # fmt: skip
         ax.set_xlabel("guidance scale")
         ax.set_ylim(-0.02, 1.02)
     axes[0, 0].set_ylabel("attack success (val sites)")
-    axes[0, -1].legend(fontsize=7, loc="lower right")
+    axes[0, -1].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     save(fig, path)
     return fig

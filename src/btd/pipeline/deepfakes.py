@@ -195,8 +195,21 @@ def ldm_search_config(deepfakes: Mapping[str, Any]) -> tuple[list[float], dict[s
     return grid, {
         "ldm_sites": int(p["ldm_guidance_sites"]), "ct_mask_px": int(p["ct_mask_px"]),
         "mri_margin_mm": float(p["mri_margin_mm"]), "ldm_sample_steps": int(p["ldm_sample_steps"]),
-        "ldm_negative": str(p["ldm_negative"]),
+        "ldm_negative": negative_modes(p["ldm_negative"]),
     }  # fmt: skip
+
+
+def negative_modes(value: Any) -> list[str]:
+    """params.yaml `deepfakes.ldm_negative`: the guidance modes the attacker tries, in order of
+    preference (`latent_inpaint.NEGATIVE_MODES`), or a clear error naming the key."""
+    modes = parse_list(value, "deepfakes.ldm_negative", str)
+    bad = [v for v in modes if v not in ldm.NEGATIVE_MODES]
+    if not modes or bad or len(set(modes)) < len(modes):
+        raise BTDConfigError(
+            "deepfakes.ldm_negative",
+            f"a comma-separated list of distinct {ldm.NEGATIVE_MODES}, got {value!r}",
+        )
+    return modes
 
 
 def fit_ldm(
@@ -283,7 +296,8 @@ def ldm_fakes(
     decoded, pasted, masks, meta = ldm.make_ldm_fakes(
         models[attack], patches, sites.reset_index(drop=True), attack, modality, pixel_mm,
         train_diameters_mm, ct_mask_px=cfg["ct_mask_px"], mri_margin_mm=cfg["mri_margin_mm"],
-        guidance=cfg["ldm_guidance"][modality][attack], negative=cfg["ldm_negative"],
+        guidance=cfg["ldm_guidance"][modality][attack],
+        negative=cfg["ldm_negative"][modality][attack],
         sample_steps=cfg["ldm_sample_steps"], seed=seed,
     )  # fmt: skip
     return (decoded, masks, meta), (pasted, masks, meta)
@@ -313,15 +327,16 @@ def ldm_guidance_study(
     grid: list[float],
     cfg: dict,
     seed: int,
-) -> tuple[pd.DataFrame, dict[tuple[str, str, float], tuple[tuple, tuple]]]:
-    """Attack success of each classifier-free guidance scale on the attacker's OWN patients (val).
+) -> tuple[pd.DataFrame, dict[tuple[str, str, str, float], tuple[tuple, tuple]]]:
+    """Attack success of each guidance setting on the attacker's OWN patients (validation).
 
-    An SD user turns the guidance scale until the result shows what was asked for; our attacker does
-    the same with the tumour classifier (trained on train patients), on validation sites only, so the
-    holdout patients the test sets come from play no part in the choice. `cfg`: ldm_sites (sites per
-    modality and attack), ct_mask_px, mri_margin_mm, ldm_sample_steps, ldm_negative. Returns (one row per
-    modality, attack and scale: success of the decoded and of the pasted-back fakes, n) and the
-    fakes themselves ({(modality, attack, scale): (decoded, pasted)}, re-quantised as written).
+    An SD user turns the guidance scale, with or without a negative prompt, until the result shows
+    what was asked for; our attacker does the same with the tumour classifier (trained on train
+    patients), on validation sites only, so the holdout patients the test sets come from play no
+    part in the choice. `cfg`: ldm_sites (sites per modality and attack), ct_mask_px,
+    mri_margin_mm, ldm_sample_steps, ldm_negative (the modes tried, `negative_modes`). Returns (one
+    row per modality, attack, mode and scale: success of the decoded and of the pasted-back fakes,
+    n) and the fakes ({(modality, attack, mode, scale): (decoded, pasted)}, re-quantised as written).
     """
     rows, fakes = [], {}
     for m in models:
@@ -330,57 +345,68 @@ def ldm_guidance_study(
         for attack in ATTACKS:
             sites = attacker_sites(val[m], scans[m], m, attack, cfg["ldm_sites"], seed)
             table = sites.reset_index(drop=True)
-            if sites.empty:  # nothing to try on: recorded, and the smallest scale is used
-                rows += [{"modality": m, "attack": attack, "guidance": float(g), "n": 0,
-                          "success": np.nan, "paste_success": np.nan} for g in grid]  # fmt: skip
+            settings = [(neg, float(g)) for neg in cfg["ldm_negative"] for g in grid]
+            if sites.empty:  # nothing to try on: recorded, and the first setting is used
+                rows += [{"modality": m, "attack": attack, "negative": neg, "guidance": g, "n": 0,
+                          "success": np.nan, "paste_success": np.nan} for neg, g in settings]  # fmt: skip
                 continue
-            for g in tqdm(grid, desc=f"LDM guidance {m} {attack}", leave=False):
-                run_cfg = dict(cfg, ldm_guidance={m: {attack: float(g)}})
+            for neg, g in tqdm(settings, desc=f"LDM guidance {m} {attack}", leave=False):
+                run_cfg = dict(cfg, ldm_guidance={m: {attack: g}}, ldm_negative={m: {attack: neg}})
                 sets = ldm_fakes(models[m], val[m], sites, attack, m, pixel_mm, train_d,
                                  run_cfg, seed)  # fmt: skip
                 sets = tuple(
                     (requantise(images, table, m, scans[m]), masks, meta)
                     for images, masks, meta in sets
                 )
-                fakes[(m, attack, float(g))] = sets
+                fakes[(m, attack, neg, g)] = sets
                 decoded, pasted = (s[0] for s in sets)
                 rows.append({
-                    "modality": m, "attack": attack, "guidance": float(g), "n": len(sites),
+                    "modality": m, "attack": attack, "negative": neg, "guidance": g,
+                    "n": len(sites),
                     "success": attack_success(classifiers[m], decoded, attack),
                     "paste_success": attack_success(classifiers[m], pasted, attack),
                 })  # fmt: skip
     return pd.DataFrame(rows), fakes
 
 
-def choose_guidance(study: pd.DataFrame, target: float) -> dict[str, dict[str, float]]:
+def choose_guidance(
+    study: pd.DataFrame, target: float
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, str]]]:
     """Per modality and attack: the smallest scale whose validation success (decoded fakes, as SD
-    returns them) reaches `target`, else the most successful one (the smallest scale where there
-    was no validation site). Stronger guidance costs realism (it over-saturates), so an attacker
-    stops at "enough"; ties go to the smaller scale."""
-    chosen: dict[str, dict[str, float]] = {}
-    for (m, attack), g in study.groupby(["modality", "attack"]):
-        g = g.sort_values("guidance")
+    returns them) reaches `target`, else the most successful setting (the first setting where
+    there was no validation site). Stronger guidance costs realism (it over-saturates), so an
+    attacker stops at "enough"; ties go to the smaller scale, then to the negative mode listed
+    first in the study. Returns ({modality: {attack: scale}}, {modality: {attack: mode}})."""
+    scales: dict[str, dict[str, float]] = {}
+    modes: dict[str, dict[str, str]] = {}
+    for (m, attack), g in study.groupby(["modality", "attack"], sort=False):
+        order = {neg: i for i, neg in enumerate(dict.fromkeys(g["negative"]))}
+        g = g.assign(_mode=g["negative"].map(order)).sort_values(
+            ["guidance", "_mode"], kind="stable"
+        )
         ok = g[g["success"] >= target]
         if g["success"].isna().all():  # no validation site to try on
             best = g.iloc[0]
         else:
             best = ok.iloc[0] if len(ok) else g.loc[g["success"].idxmax()]
-        chosen.setdefault(m, {})[attack] = float(best["guidance"])
-    return chosen
+        scales.setdefault(m, {})[attack] = float(best["guidance"])
+        modes.setdefault(m, {})[attack] = str(best["negative"])
+    return scales, modes
 
 
 def validation_sets(
-    fakes: dict[tuple[str, str, float], tuple[tuple, tuple]],
-    chosen: dict[str, dict[str, float]],
+    fakes: dict[tuple[str, str, str, float], tuple[tuple, tuple]],
+    chosen: tuple[dict[str, dict[str, float]], dict[str, dict[str, str]]],
     val: dict[str, tuple[np.ndarray, pd.DataFrame]],
     n_real: int,
     seed: int,
 ) -> dict[str, tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
-    """The LDM scenarios on validation patients, at the chosen scales: the fakes a detector's
-    choices (BTD+'s default variant) are made on, never the test sets."""
+    """The LDM scenarios on validation patients at the chosen settings (`choose_guidance`): the
+    fakes a detector's choices (BTD+'s default variant) are made on, never the test sets."""
+    scales, modes = chosen
     out = {}
-    for (m, attack, g), sets in fakes.items():
-        if chosen[m][attack] != g:
+    for (m, attack, neg, g), sets in fakes.items():
+        if (scales[m][attack], modes[m][attack]) != (g, neg):
             continue
         for paste, set_ in zip((False, True), sets, strict=True):
             name = scenario_name("LDM", m, attack, paste_back=paste)
@@ -460,7 +486,8 @@ def build_testsets(
     reals share one value grid. The LDM and DIFF attackers in-paint the same sites; `attackers`
     holds the DIFF models of the modalities whose DIFF sets are made (empty: none). `cfg`:
     n_per_class, ct_mask_px, mri_margin_mm, jumps, jump_length, inject_cond_scale, ldm_guidance
-    ({modality: {attack: scale}}, from `choose_guidance`), ldm_sample_steps, ldm_negative. Without `ldm_models`
+    ({modality: {attack: scale}}) and ldm_negative ({modality: {attack: mode}}), both from
+    `choose_guidance`, ldm_sample_steps. Without `ldm_models`
     the LDM sets are left out.
     `seconds`, if given, accumulates each attacker's generation time (CTGAN, DIFF, LDM).
     """

@@ -78,19 +78,23 @@ def deepfakes(success: dict[str, float], realism: pd.DataFrame) -> str:
     return " ".join(parts)
 
 
-def guidance(study: pd.DataFrame, chosen: dict[str, dict[str, float]], target: float) -> str:
-    """The guidance scale each LDM attack uses, and whether it reached the target on val sites."""
+def guidance(study: pd.DataFrame, chosen: tuple[dict, dict], target: float) -> str:
+    """The guidance setting each LDM attack uses (scale, negative mode), and whether it reached
+    the target on validation sites."""
+    scales, modes = chosen
     lines = []
-    for mod, attacks in chosen.items():
+    for mod, attacks in scales.items():
         for attack, g in attacks.items():
+            neg = modes[mod][attack]
             row = study[(study["modality"] == mod) & (study["attack"] == attack)
-                        & (study["guidance"] == g)].iloc[0]  # fmt: skip
+                        & (study["guidance"] == g) & (study["negative"] == neg)].iloc[0]  # fmt: skip
+            setting = f"{mod.upper()} {attack} {g:g}, negative {neg}"
             if not row["n"]:
-                lines.append(f"{mod.upper()} {attack} {g:g} (no validation site to try on)")
+                lines.append(f"{setting} (no validation site to try on)")
                 continue
             verdict = "reaches" if row["success"] >= target else "misses"
-            lines.append(f"{mod.upper()} {attack} {g:g} ({row['success']:.2f} on "
-                         f"{int(row['n'])} val sites, {verdict} {target:.2f})")  # fmt: skip
+            lines.append(f"{setting} ({row['success']:.2f} on {int(row['n'])} val sites, "
+                         f"{verdict} {target:.2f})")  # fmt: skip
     return "Guidance chosen on the attacker's own patients: " + "; ".join(lines) + "."
 
 
