@@ -12,8 +12,10 @@ The test sets play no part. Run from the repo root after `dvc repro preprocess`,
         --out benchmarks/results/ldm_guidance_high.json   # does injection keep rising past 7.5?
     python benchmarks/ldm_finetune_steps.py --finetune-steps 250 --set mri_margin_mm=4 \
         --out benchmarks/results/ldm_mri_margin.json   # a wider MRI mask (the attacker's choice)
-    python benchmarks/ldm_finetune_steps.py --finetune-steps 250 --negative none,opposite \
-        --out benchmarks/results/ldm_negative.json   # SD's negative prompt vs the empty one
+    python benchmarks/ldm_finetune_steps.py --modality mri --finetune-steps 250 --negative none,opposite \
+        --out benchmarks/results/ldm_negative_mri.json   # SD's negative prompt vs the empty one
+    python benchmarks/ldm_finetune_steps.py --modality ct --finetune-steps 250 --negative none,opposite \
+        --out benchmarks/results/ldm_negative_ct.json
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
         results[str(steps)] = {"fit_seconds": round(fit_s, 1),
                                "study": study.to_dict(orient="records")}  # fmt: skip
     report = {"cpu": runinfo.cpu_model(), "modality": m, "params": base, "guidance_grid": grid,
-              "overrides": overrides(args.set), "results": results}  # fmt: skip
+              "negative_modes": scfg["ldm_negative"], "overrides": overrides(args.set),
+              "results": results}  # fmt: skip
     write_json(args.out, report)
     return report
 
