@@ -263,6 +263,25 @@ def test_choose_guidance_tries_each_negative_mode_and_prefers_the_first_on_a_tie
             deepfakes.negative_modes(bad)
 
 
+def test_choose_guidance_with_confidence_asks_the_lower_bound_to_reach_the_target() -> None:
+    # 30 sites: a one-sided 95 % Clopper-Pearson bound of 0.8 needs 28 successes (27: 0.761)
+    lower = deepfakes.success_lower_bound([27 / 30, 28 / 30, 0.0], [30, 30, 30], 0.95)
+    np.testing.assert_allclose(lower, [0.761, 0.805, 0.0], atol=1e-3)
+    assert deepfakes.success_lower_bound(0.5, 30, 0.0) == 0.5  # 0: the observed rate
+    study = _study([
+        ("mri", "remove", 1.0, 0.8), ("mri", "remove", 3.0, 0.9), ("mri", "remove", 5.0, 28 / 30),
+        ("ct", "inject", 1.0, 0.6), ("ct", "inject", 5.0, 25 / 30),
+    ])  # fmt: skip
+    study["n"] = 30
+    bounded = deepfakes.with_lower_bound(study, 0.95)
+    scales, _ = deepfakes.choose_guidance(bounded, 0.8)
+    assert scales == {"mri": {"remove": 5.0}, "ct": {"inject": 5.0}}  # ct: none reaches -> the best
+    assert deepfakes.choose_guidance(study, 0.8)[0]["mri"]["remove"] == 1.0  # point estimate
+    np.testing.assert_allclose(bounded["success_lower"].iloc[2], 0.805, atol=1e-3)
+    with pytest.raises(BTDConfigError, match="deepfakes.ldm_target_confidence"):
+        deepfakes.with_lower_bound(study, 1.0)
+
+
 def test_guidance_study_runs_on_validation_sites_and_keeps_the_chosen_fakes() -> None:
     import torch
 

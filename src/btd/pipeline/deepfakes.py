@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from tqdm import tqdm
 
 from btd.attacks import autoencoder_kl as akl
@@ -346,11 +347,18 @@ def ldm_guidance_study(
             sites = attacker_sites(val[m], scans[m], m, attack, cfg["ldm_sites"], seed)
             table = sites.reset_index(drop=True)
             settings = [(neg, float(g)) for neg in cfg["ldm_negative"] for g in grid]
+            first = cfg["ldm_negative"][0]
             if sites.empty:  # nothing to try on: recorded, and the first setting is used
                 rows += [{"modality": m, "attack": attack, "negative": neg, "guidance": g, "n": 0,
                           "success": np.nan, "paste_success": np.nan} for neg, g in settings]  # fmt: skip
                 continue
             for neg, g in tqdm(settings, desc=f"LDM guidance {m} {attack}", leave=False):
+                if g == 1.0 and neg != first and (m, attack, first, g) in fakes:
+                    # scale 1 is the conditional prediction alone: every mode gives the same fakes
+                    fakes[(m, attack, neg, g)] = fakes[(m, attack, first, g)]
+                    rows.append(next(r for r in rows if (r["modality"], r["attack"], r["negative"],
+                                r["guidance"]) == (m, attack, first, g)) | {"negative": neg})  # fmt: skip
+                    continue
                 run_cfg = dict(cfg, ldm_guidance={m: {attack: g}}, ldm_negative={m: {attack: neg}})
                 sets = ldm_fakes(models[m], val[m], sites, attack, m, pixel_mm, train_d,
                                  run_cfg, seed)  # fmt: skip
@@ -369,14 +377,38 @@ def ldm_guidance_study(
     return pd.DataFrame(rows), fakes
 
 
+def success_lower_bound(success: Any, n: Any, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound of a success rate seen on `n` sites, at `confidence`
+    (0: the observed rate itself). An attacker who wants the attack to work on NEW patients asks
+    this of its validation sites: 0.80 seen on 30 sites is as likely 0.70 as 0.90 elsewhere."""
+    success, n = np.asarray(success, float), np.asarray(n, float)
+    if not 0.0 <= confidence < 1.0:
+        raise BTDConfigError(
+            "deepfakes.ldm_target_confidence", f"must be in [0, 1), got {confidence}"
+        )
+    if confidence == 0.0:
+        return success
+    k = np.round(success * n)
+    with np.errstate(invalid="ignore"):
+        lower = stats.beta.ppf(1.0 - confidence, k, n - k + 1)
+    return np.where(k > 0, lower, 0.0)
+
+
+def with_lower_bound(study: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    """The guidance study with `success_lower`: each setting's `success_lower_bound`, which
+    `choose_guidance` and the reading compare with the target."""
+    return study.assign(success_lower=success_lower_bound(study["success"], study["n"], confidence))
+
+
 def choose_guidance(
     study: pd.DataFrame, target: float
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, str]]]:
     """Per modality and attack: the smallest scale whose validation success (decoded fakes, as SD
-    returns them) reaches `target`, else the most successful setting (the first setting where
-    there was no validation site). Stronger guidance costs realism (it over-saturates), so an
-    attacker stops at "enough"; ties go to the smaller scale, then to the negative mode listed
-    first in the study. Returns ({modality: {attack: scale}}, {modality: {attack: mode}})."""
+    returns them) reaches `target` -- its `success_lower` bound where the study has one
+    (`with_lower_bound`) -- else the most successful setting (the first setting where there was no
+    validation site). Stronger guidance costs realism (it over-saturates), so an attacker stops at
+    "enough"; ties go to the smaller scale, then to the negative mode listed first in the study.
+    Returns ({modality: {attack: scale}}, {modality: {attack: mode}})."""
     scales: dict[str, dict[str, float]] = {}
     modes: dict[str, dict[str, str]] = {}
     for (m, attack), g in study.groupby(["modality", "attack"], sort=False):
@@ -384,7 +416,7 @@ def choose_guidance(
         g = g.assign(_mode=g["negative"].map(order)).sort_values(
             ["guidance", "_mode"], kind="stable"
         )
-        ok = g[g["success"] >= target]
+        ok = g[g.get("success_lower", g["success"]) >= target - 1e-9]
         if g["success"].isna().all():  # no validation site to try on
             best = g.iloc[0]
         else:
