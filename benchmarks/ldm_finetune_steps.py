@@ -77,13 +77,13 @@ def main(argv: list[str] | None = None) -> dict:
     tp, tman = load_patch_dataset(Path("data/processed") / m, "train")
     clf = TumourClassifier(seed=seed)
     clf.fit(tp, tman["label"].tolist(), epochs=p["classifier_epochs"])
+    if args.negative:  # the modes the stage's search tries, on each fit
+        scfg = scfg | {"ldm_negative": stage.negative_modes(args.negative)}
     results = {}
     for steps in parse_list(args.finetune_steps, "--finetune-steps", int):
         t0 = time.perf_counter()
         models, _ = stage.fit_ldm(vp, vm, m, pixel_mm, base | {"finetune_steps": steps}, seed)
         fit_s = time.perf_counter() - t0
-        if args.negative:  # the modes the stage's search tries, on this fit
-            scfg = scfg | {"ldm_negative": stage.negative_modes(args.negative)}
         study, _ = stage.ldm_guidance_study(
             {m: models}, {m: (vp, vm)}, {m: scans}, {m: clf}, grid, scfg, seed
         )
