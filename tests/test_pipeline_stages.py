@@ -278,6 +278,18 @@ def test_choose_guidance_with_confidence_asks_the_lower_bound_to_reach_the_targe
     assert scales == {"mri": {"remove": 5.0}, "ct": {"inject": 5.0}}  # ct: none reaches -> the best
     assert deepfakes.choose_guidance(study, 0.8)[0]["mri"]["remove"] == 1.0  # point estimate
     np.testing.assert_allclose(bounded["success_lower"].iloc[2], 0.805, atol=1e-3)
+    from btd.report import reading
+
+    text = reading.guidance(
+        bounded, (scales, {"mri": {"remove": "none"}, "ct": {"inject": "none"}}), 0.8
+    )
+    # the verdict follows the rule that chose: the bound, not the observed 0.83
+    assert (
+        "CT inject 5, negative none (0.83 on 30 val sites, lower bound 0.68, misses 0.80)" in text
+    )
+    assert (
+        "MRI remove 5, negative none (0.93 on 30 val sites, lower bound 0.80, reaches 0.80)" in text
+    )
     with pytest.raises(BTDConfigError, match="deepfakes.ldm_target_confidence"):
         deepfakes.with_lower_bound(study, 1.0)
 

@@ -436,7 +436,7 @@ def make_ldm_fakes(
     """The paper's masks at `manifest`'s sites, in-painted: (decoded, pasted back, masks, metadata).
 
     `negative` (params.yaml deepfakes.ldm_negative): 'none' guides away from the null token,
-    'opposite' from the other class (SD's negative prompt: 'healthy' when injecting, 'malignant'
+    'opposite' from the other class (SD's negative prompt: 'healthy' when injecting, 'nodule'
     when removing).
     """
     if negative not in NEGATIVE_MODES:

@@ -339,7 +339,7 @@ def ldm_guidance_study(
     row per modality, attack, mode and scale: success of the decoded and of the pasted-back fakes,
     n) and the fakes ({(modality, attack, mode, scale): (decoded, pasted)}, re-quantised as written).
     """
-    rows, fakes = [], {}
+    rows, fakes, row_of = [], {}, {}  # row_of: the study row of each fakes key
     for m in models:
         pixel_mm = next(iter(scans[m].values())).spacing[1]
         train_d = val[m][1].query("label == 'TM'")["diameter_mm"].to_numpy()
@@ -356,8 +356,7 @@ def ldm_guidance_study(
                 if g == 1.0 and neg != first and (m, attack, first, g) in fakes:
                     # scale 1 is the conditional prediction alone: every mode gives the same fakes
                     fakes[(m, attack, neg, g)] = fakes[(m, attack, first, g)]
-                    rows.append(next(r for r in rows if (r["modality"], r["attack"], r["negative"],
-                                r["guidance"]) == (m, attack, first, g)) | {"negative": neg})  # fmt: skip
+                    rows.append(row_of[(m, attack, first, g)] | {"negative": neg})
                     continue
                 run_cfg = dict(cfg, ldm_guidance={m: {attack: g}}, ldm_negative={m: {attack: neg}})
                 sets = ldm_fakes(models[m], val[m], sites, attack, m, pixel_mm, train_d,
@@ -368,12 +367,13 @@ def ldm_guidance_study(
                 )
                 fakes[(m, attack, neg, g)] = sets
                 decoded, pasted = (s[0] for s in sets)
-                rows.append({
+                row_of[(m, attack, neg, g)] = {
                     "modality": m, "attack": attack, "negative": neg, "guidance": g,
                     "n": len(sites),
                     "success": attack_success(classifiers[m], decoded, attack),
                     "paste_success": attack_success(classifiers[m], pasted, attack),
-                })  # fmt: skip
+                }  # fmt: skip
+                rows.append(row_of[(m, attack, neg, g)])
     return pd.DataFrame(rows), fakes
 
 

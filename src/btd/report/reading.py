@@ -92,8 +92,12 @@ def guidance(study: pd.DataFrame, chosen: tuple[dict, dict], target: float) -> s
             if not row["n"]:
                 lines.append(f"{setting} (no validation site to try on)")
                 continue
-            verdict = "reaches" if row["success"] >= target else "misses"
-            lines.append(f"{setting} ({row['success']:.2f} on {int(row['n'])} val sites, "
+            # judged as choose_guidance judges: on the lower confidence bound when the study has one
+            bound = row.get("success_lower", np.nan)
+            judged = row["success"] if pd.isna(bound) else bound
+            verdict = "reaches" if judged >= target else "misses"
+            told = "" if pd.isna(bound) else f", lower bound {bound:.2f}"
+            lines.append(f"{setting} ({row['success']:.2f} on {int(row['n'])} val sites{told}, "
                          f"{verdict} {target:.2f})")  # fmt: skip
     return "Guidance chosen on the attacker's own patients: " + "; ".join(lines) + "."
 
