@@ -156,6 +156,28 @@ def test_resume_with_other_model_size_or_settings(reference, data, tmp_path):
         train(train_x, tiny_config(lr=5e-4), tmp_path, progress=False)
 
 
+def test_resume_refuses_a_checkpoint_of_other_data_and_the_stage_retrains(data, tmp_path):
+    from btd.pipeline.train_ddpm import train_or_resume
+
+    train_x, val_x = data
+    first = {"data_sha256": "a" * 64}
+    train(train_x, tiny_config(steps=5), tmp_path, progress=False, data=first)
+    with pytest.raises(
+        BTDInputError,
+        match=r"checkpoint\.pt.*other data \(data_sha256 aaaaaaaaaaaa, now bbbbbbbbbbbb\)",
+    ):
+        train(
+            train_x, tiny_config(steps=10), tmp_path, progress=False, data={"data_sha256": "b" * 64}
+        )
+    same = train(train_x, tiny_config(steps=6), tmp_path, progress=False, data=first)
+    assert same.start_step == 5  # same fingerprint: resumed
+    fresh = train_or_resume(
+        train_x, val_x, tiny_config(steps=5), tmp_path, {"data_sha256": "b" * 64}
+    )
+    assert fresh.start_step == 0 and fresh.end_step == 5
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["data"]["data_sha256"] == "b" * 64
+
+
 def test_bad_checkpoint_files(reference, tmp_path):
     blob = reference.checkpoint.read_bytes()
     truncated = tmp_path / "truncated.pt"

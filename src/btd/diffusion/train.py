@@ -148,6 +148,21 @@ def _check_resumable(path: Path, stored: dict[str, Any], config: TrainConfig) ->
             )
 
 
+def _check_same_data(
+    path: Path, stored: dict[str, Any] | None, data: dict[str, Any] | None
+) -> None:
+    """A resumed run must train on the patches it started on: a checkpoint whose recorded data
+    fingerprint differs (new patients, another split) is another model, even with the same config."""
+    have = (stored or {}).get("data_sha256")
+    want = (data or {}).get("data_sha256")
+    if have and want and have != want:
+        raise BTDInputError(
+            path,
+            f"was trained on other data (data_sha256 {have[:12]}, now {want[:12]}); "
+            "train into a fresh output folder (resume=False overwrites)",
+        )
+
+
 def _restore(state: _State, ckpt: dict[str, Any], path: Path) -> None:
     load_module_state(state.diffusion, ckpt["model"], path, "model")
     load_module_state(state.ema.ema_model, ckpt["ema"], path, "EMA")
@@ -323,6 +338,7 @@ def train(
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, expected=config.to_dict())
         _check_resumable(ckpt_path, ckpt["config"], config)
+        _check_same_data(ckpt_path, ckpt.get("data"), data)
         _restore(state, ckpt, ckpt_path)
         if data is None:
             data = ckpt.get("data")
