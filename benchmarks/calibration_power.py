@@ -15,11 +15,14 @@ pipeline's own `split_patients` at params.yaml's fractions; tumour patches per p
 around the validation mean; the test set takes up to `deepfakes.n_per_class` reals; both BTD+
 readings (pooled two-sided, scanner-aware) use the library's `tail_score` and threshold. No torch:
 
-    python benchmarks/calibration_power.py
+    python benchmarks/calibration_power.py    # spreads of the current split's ct_inject_reference.json
+    python benchmarks/calibration_power.py --source benchmarks/results/ct_inject_reference_ct8.json \
+        --out benchmarks/results/calibration_power.json   # the run that chose 16 (3 val patients per scanner)
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,7 @@ from btd.pipeline.evaluate import fpr_interval
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "results" / "ct_inject_reference.json"
-OUT = HERE / "results" / "calibration_power.json"
+OUT = HERE / "results" / "calibration_power_current.json"
 PATIENTS_PER_SCANNER = (8, 10, 13, 16)
 REPS = 2000
 
@@ -78,9 +81,9 @@ def one_check(rng, spread, counts, per_patient, n_real, target, min_count) -> di
     }
 
 
-def main() -> dict:
+def main(source: Path = SOURCE, out: Path = OUT) -> dict:
     params = yaml.safe_load(Path("params.yaml").read_text())
-    measured = yaml.safe_load(SOURCE.read_text())
+    measured = yaml.safe_load(Path(source).read_text())
     spread = measured["spread_log10_energy"]
     fractions = {k: params["data"][f"split_{k}"] for k in ("train", "val", "holdout")}
     target, min_count = (
@@ -95,7 +98,7 @@ def main() -> dict:
     doubled = {
         s: {**v, "between_patient_sd": 2 * v["between_patient_sd"]} for s, v in spread.items()
     }
-    report = {"cpu": runinfo.cpu_model(), "source": SOURCE.name, "reps": REPS, "target_fpr": target,
+    report = {"cpu": runinfo.cpu_model(), "source": Path(source).name, "spread_log10_energy": spread, "reps": REPS, "target_fpr": target,
               "tumour_patches_per_patient": round(per_patient, 2), "min_scanner_count": min_count,
               "patients_per_scanner": {}}  # fmt: skip
     for n in PATIENTS_PER_SCANNER:
@@ -132,9 +135,13 @@ def main() -> dict:
                 for k in ("measured", "between_sd_doubled", "no_patient_effect")
             },
         )
-    write_json(OUT, report)
+    write_json(out, report)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", type=Path, default=SOURCE, help="a ct_inject_reference.py JSON")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    main(args.source, args.out)
