@@ -36,7 +36,7 @@ import yaml
 
 from btd import runinfo
 from btd.atomic import write_json
-from btd.data.splits import split_patients
+from btd.data.splits import SPLITS, split_patients
 from btd.detect.calibrate import plus_threshold
 from btd.detect.plus import tail_score
 from btd.pipeline.evaluate import fpr_interval
@@ -55,7 +55,7 @@ def split_counts(n: int, fractions: dict[str, float], scanners: list[str]) -> di
     )
     split = pd.Series(split_patients(pts, fractions, seed=0))
     counts = split[pts.loc[pts["scanner"] == scanners[0], "patient"]].value_counts()
-    return {k: int(counts.get(k, 0)) for k in ("train", "val", "holdout")}
+    return {k: int(counts.get(k, 0)) for k in SPLITS}
 
 
 def draw_split(rng, spread: dict, n_patients: int, per_patient: float, tag: str) -> pd.DataFrame:
@@ -90,7 +90,7 @@ def main(source: Path = SOURCE, out: Path = OUT) -> dict:
     params = yaml.safe_load(Path("params.yaml").read_text())
     measured = yaml.safe_load(Path(source).read_text())
     spread = measured["spread_log10_energy"]
-    fractions = {k: params["data"][f"split_{k}"] for k in ("train", "val", "holdout")}
+    fractions = {k: params["data"][f"split_{k}"] for k in SPLITS}
     target, min_count = (
         float(params["detect"]["target_fpr"]),
         int(params["detect"]["min_scanner_count"]),
@@ -103,17 +103,14 @@ def main(source: Path = SOURCE, out: Path = OUT) -> dict:
     doubled = {
         s: {**v, "between_patient_sd": 2 * v["between_patient_sd"]} for s, v in spread.items()
     }
+    variants = {"measured": spread, "between_sd_doubled": doubled, "no_patient_effect": no_cluster}
     report = {"cpu": runinfo.cpu_model(), "source": Path(source).name, "spread_log10_energy": spread, "reps": REPS, "target_fpr": target,
               "tumour_patches_per_patient": round(per_patient, 2), "min_scanner_count": min_count,
               "patients_per_scanner": {}}  # fmt: skip
     for n in PATIENTS_PER_SCANNER:
         counts = split_counts(n, fractions, sorted(spread))
         row = {"split": counts}
-        for label, sp in (
-            ("measured", spread),
-            ("between_sd_doubled", doubled),
-            ("no_patient_effect", no_cluster),
-        ):
+        for label, sp in variants.items():
             rng = np.random.default_rng(0)
             runs = pd.DataFrame(
                 [
@@ -137,10 +134,7 @@ def main(source: Path = SOURCE, out: Path = OUT) -> dict:
         print(
             n,
             counts,
-            {
-                k: {r: row[k][r]["pass_rate"] for r in ("two-sided", "scanner")}
-                for k in ("measured", "between_sd_doubled", "no_patient_effect")
-            },
+            {k: {r: row[k][r]["pass_rate"] for r in ("two-sided", "scanner")} for k in variants},
         )
     write_json(out, report)
     return report
